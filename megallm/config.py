@@ -344,6 +344,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
          f"lr_decay_style={cfg.optimizer.lr_decay_style!r}: must be one of cosine, linear, constant")
     rule(cfg.optimizer.min_lr <= cfg.optimizer.lr,
          f"min_lr={cfg.optimizer.min_lr}: must not exceed lr={cfg.optimizer.lr}")
+    decay = cfg.optimizer.lr_decay_iters or t.train_iters
+    rule(warmup_iters(cfg) < decay,
+         f"lr_warmup_iters={warmup_iters(cfg)}: warmup must end before the decay does "
+         f"(lr_decay_iters, default train_iters = {decay})")
     if cfg.spike.spike_action == "rollback":
         rule(bool(cfg.checkpoint.save) and cfg.checkpoint.save_interval > 0,
              "spike_action=rollback: needs --save DIR and --save-interval N > 0 (something to roll back to)")
