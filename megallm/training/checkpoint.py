@@ -297,26 +297,41 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def _needed_files(tr) -> list[str]:
+def model_files_of(chunks) -> list[str]:
     names = set()
-    for chunk in tr.chunks:
+    for chunk in chunks:
         for _, _, parts in wm.local_parameters(chunk):
             names.update(file_of(p.logical) for p in parts)
     return sorted(names)
 
 
-def _load_from(tr, ckpt: Path, load_optimizer: bool = True) -> dict:
+def load_model_weights(chunks, cfg, ckpt: str | Path, tp_rank: int) -> dict:
+    """Fill model chunks (any layout) from a checkpoint directory's logical weights; returns its meta.
+    Used by resume, by the HuggingFace converter's checks, and by evaluation tools."""
+    ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    files = _needed_files(tr)
-    optim_files = [f"optim/{f}" for f in files if f"optim/{f}" in meta["files"]] if load_optimizer else []
-    rng_name = f"rng/rank_{dist.get_rank():05d}.json"
-    _verify(ckpt, meta, [f"model/{f}" for f in files] + optim_files)
+    files = model_files_of(chunks)
+    _verify(ckpt, meta, [f"model/{f}" for f in files])
     model = {}
     for f in files:
         model.update(_read(ckpt / "model" / f))
-    tp_rank = _ps().get_tensor_model_parallel_rank()
-    for chunk in tr.chunks:
-        wm.load_logical(chunk, lambda n: _tensor(model, n, ckpt), tr.cfg, tp_rank)
+    for chunk in chunks:
+        wm.load_logical(chunk, lambda n: _tensor(model, n, ckpt), cfg, tp_rank)
+    return meta
+
+
+def is_model_only(meta: dict) -> bool:
+    """Converted checkpoints (tools/convert_checkpoint.py) hold weights only: optimizer, schedule
+    and spike detector start fresh."""
+    return "scheduler" not in meta
+
+
+def _load_from(tr, ckpt: Path, load_optimizer: bool = True) -> dict:
+    meta = load_model_weights(tr.chunks, tr.cfg, ckpt, _ps().get_tensor_model_parallel_rank())
+    files = model_files_of(tr.chunks)
+    optim_files = [f"optim/{f}" for f in files if f"optim/{f}" in meta["files"]] if load_optimizer else []
+    rng_name = f"rng/rank_{dist.get_rank():05d}.json"
+    _verify(ckpt, meta, optim_files)
     if optim_files:
         moments = {}
         for f in optim_files:
@@ -362,14 +377,16 @@ def _load_optimizer(tr, moments: dict, step: float, ckpt: Path) -> None:
     tr.optimizer.load_state_dict({"state": {i: by_id[id(p)] for i, p in enumerate(params)}, "param_groups": groups})
 
 
-def _apply_meta(tr, meta: dict, full: bool) -> None:
-    tr.iteration = meta["iteration"] if full or tr.cfg.checkpoint.keep_iteration else 0
-    tr.consumed_samples = meta["consumed_samples"] if full else 0
-    if full:
-        tr.scheduler.load_state_dict(meta["scheduler"])
-        tr.scheduler.step(increment=0)  # re-applies the restored learning rate to the param groups
-        tr.detector.load_state_dict(meta["detector"])
-        tr.policy.load_state_dict(meta["policy"])
+def _apply_meta(tr, meta: dict) -> None:
+    if is_model_only(meta):
+        tr.iteration = meta.get("iteration", 0) if tr.cfg.checkpoint.keep_iteration else 0
+        return
+    tr.iteration = meta["iteration"]
+    tr.consumed_samples = meta["consumed_samples"]
+    tr.scheduler.load_state_dict(meta["scheduler"])
+    tr.scheduler.step(increment=0)  # re-applies the restored learning rate to the param groups
+    tr.detector.load_state_dict(meta["detector"])
+    tr.policy.load_state_dict(meta["policy"])
 
 
 def load(tr, path: str | Path, before_iteration: Optional[int] = None) -> Optional[int]:
@@ -395,8 +412,8 @@ def load(tr, path: str | Path, before_iteration: Optional[int] = None) -> Option
         except CheckpointError as e:
             error, meta = str(e), None
         if not any_rank(error is not None, tr.device):
-            same_layout = meta["layout"]["world_size"] == dist.get_world_size()
-            _apply_meta(tr, meta, full=True)
+            same_layout = meta.get("layout", {}).get("world_size") == dist.get_world_size()
+            _apply_meta(tr, meta)
             if not same_layout and dist.get_rank() == 0:
                 print(f" note: {ckpt} was written by {meta['layout']}; RNG states are restored per rank only "
                       "where the rank existed", flush=True)
