@@ -268,10 +268,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    for name, (section, _, tp) in _field_index().items():
+    for name in _field_index():
         value = getattr(args, name, None)
         if value is not None:
-            setattr(getattr(cfg, section), name, _coerce(name, value, tp, "--" + name.replace("_", "-")))
+            apply_overrides(cfg, {name: value}, where="--" + name.replace("_", "-"))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrides") -> Config:
+    """Set fields by their flat (flag) names, e.g. {"tensor_model_parallel_size": 2, "tp": 2}."""
+    index = _field_index()
+    for name, value in overrides.items():
+        name = ALIASES.get(name, name)
+        if name not in index:
+            raise ConfigError(f"{where}: unknown field '{name}'")
+        section, _, tp = index[name]
+        setattr(getattr(cfg, section), name, _coerce(name, value, tp, where))
     return cfg
 
 

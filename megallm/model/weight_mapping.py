@@ -107,6 +107,14 @@ def local_parameters(chunk) -> Iterator[tuple[str, torch.nn.Parameter, list[Part
         yield name, param, parts_of(chunk, name)
 
 
+def mark_sharded_parameters(chunk) -> None:
+    """Set megatron's `tensor_model_parallel` attribute from this mapping. Megatron sets it only
+    while initialising weights itself, which we skip (see init_weights); the global grad norm
+    needs it to count replicated parameters once."""
+    for _, param, parts in local_parameters(chunk):
+        param.tensor_model_parallel = any(p.dim is not None for p in parts)
+
+
 @torch.no_grad()
 def load_logical(chunk, get: Callable[[str], torch.Tensor], cfg: Config, tp_rank: int, strict_shapes=True) -> None:
     """Fill a chunk's local parameters from logical tensors returned by get(name)."""

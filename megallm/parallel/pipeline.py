@@ -21,6 +21,7 @@ from torch import nn
 
 from megallm.config import Config
 from megallm.model.llama import LlamaChunk
+from megallm.model.weight_mapping import mark_sharded_parameters
 
 
 def stage_layout(cfg: Config, pp_rank: int) -> list[tuple[int, int, int]]:
@@ -41,6 +42,7 @@ def build_model_chunks(cfg: Config, device: torch.device, pp_rank: Optional[int]
     for stage, first, n in stage_layout(cfg, pp_rank):
         chunk = LlamaChunk(cfg, first, n, pre_process=(stage == 0), post_process=(stage == num_stages - 1),
                            device=device)
+        mark_sharded_parameters(chunk)
         chunks.append(chunk.to(device))
     return chunks
 
