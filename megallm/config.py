@@ -442,9 +442,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Print a resolved megallm config and its parameter count.")
     parser.add_argument("--describe", action="store_true", help="print the resolved config and parameter count")
     parser.add_argument("--world-size", type=int, default=None, help="also validate for this many ranks")
+    parser.add_argument("--stage", type=int, default=None, metavar="PP_RANK",
+                        help="also build this pipeline rank's chunks on the meta device (no memory) and count "
+                             "the parameters one of its tensor-parallel ranks holds")
     cfg, args = parse_config(argv, parser)
     errors = validate(cfg, args.world_size)
     print(describe(cfg, args.world_size))
+    if args.stage is not None and not errors:
+        from megallm.parallel.pipeline import build_stage_on_meta
+
+        chunks = build_stage_on_meta(cfg, args.stage)
+        layers = [n for c in chunks for n in c.layer_numbers]
+        count = sum(p.numel() for c in chunks for p in c.parameters())
+        print(f"pipeline rank {args.stage}: layers {layers[0]}..{layers[-1]}, {count:,} parameters per "
+              f"tensor-parallel rank (tp={cfg.parallel.tensor_model_parallel_size}), built on the meta device")
     for w in lint_hyperparameters(cfg):
         print(f"warning: {w}")
     for e in errors:

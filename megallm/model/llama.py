@@ -81,7 +81,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query causal self-attention; each tensor-parallel rank owns whole query groups."""
 
-    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method):
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
         super().__init__()
         tensor_parallel, _ = _tensor_parallel()
         self.head_dim = m.kv_channels
@@ -89,10 +89,11 @@ class Attention(nn.Module):
         self.num_groups = m.num_query_groups // tp
         qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * self.head_dim
         self.linear_qkv = tensor_parallel.ColumnParallelLinear(
-            m.hidden_size, qkv_out, config=mp_config, init_method=init_method, bias=False, gather_output=False)
+            m.hidden_size, qkv_out, config=mp_config, init_method=init_method, bias=False, gather_output=False,
+            tp_group=tp_group)
         self.linear_proj = tensor_parallel.RowParallelLinear(
             m.num_attention_heads * self.head_dim, m.hidden_size, config=mp_config, init_method=output_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=True)
+            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
         self.dropout = m.attention_dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,15 +114,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel GEMM."""
 
-    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method):
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
         super().__init__()
         tensor_parallel, _ = _tensor_parallel()
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             m.hidden_size, 2 * m.ffn_hidden_size, config=mp_config, init_method=init_method, bias=False,
-            gather_output=False)
+            gather_output=False, tp_group=tp_group)
         self.linear_fc2 = tensor_parallel.RowParallelLinear(
             m.ffn_hidden_size, m.hidden_size, config=mp_config, init_method=output_init_method, bias=False,
-            input_is_parallel=True, skip_bias_add=True)
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, _ = self.linear_fc1(x)
@@ -131,12 +132,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method):
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
         super().__init__()
         self.input_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
-        self.self_attention = Attention(m, mp_config, tp, init_method, output_init_method)
+        self.self_attention = Attention(m, mp_config, tp, init_method, output_init_method, tp_group)
         self.post_attention_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
-        self.mlp = MLP(m, mp_config, tp, init_method, output_init_method)
+        self.mlp = MLP(m, mp_config, tp, init_method, output_init_method, tp_group)
         self.hidden_dropout = m.hidden_dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -149,11 +150,12 @@ class LlamaChunk(nn.Module):
     `pre_process` and the final norm + output head if `post_process`.
 
     forward: tokens [b, s] (pre_process) or hidden [b, s, h] -> hidden, or vocab-parallel logits
-    [b, s, vocab/tp] (post_process).
+    [b, s, vocab/tp] (post_process). `tp_group` is handed to megatron's layers as is (megatron is
+    making it a required argument); the model itself never communicates.
     """
 
     def __init__(self, cfg: Config, first_layer: int, num_layers: int, pre_process: bool, post_process: bool,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, tp_group=None):
         super().__init__()
         tensor_parallel, ModelParallelConfig = _tensor_parallel()
         m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
@@ -167,13 +169,13 @@ class LlamaChunk(nn.Module):
         self.layer_numbers = list(range(first_layer, first_layer + num_layers))
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
-                cfg.padded_vocab_size, m.hidden_size, init_method=noop, config=mp_config)
-        self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop) for _ in self.layer_numbers)
+                cfg.padded_vocab_size, m.hidden_size, init_method=noop, config=mp_config, tp_group=tp_group)
+        self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop, tp_group) for _ in self.layer_numbers)
         if post_process:
             self.final_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=noop, bias=False,
-                gather_output=False)
+                gather_output=False, tp_group=tp_group)
         self.rotary = RotaryEmbedding(m.kv_channels, m.rotary_base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

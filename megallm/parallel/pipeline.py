@@ -32,19 +32,52 @@ def stage_layout(cfg: Config, pp_rank: int) -> list[tuple[int, int, int]]:
     return [(v * pp + pp_rank, (v * pp + pp_rank) * per_chunk, per_chunk) for v in range(vpp)]
 
 
-def build_model_chunks(cfg: Config, device: torch.device, pp_rank: Optional[int] = None) -> list[LlamaChunk]:
+def build_model_chunks(cfg: Config, device: torch.device, pp_rank: Optional[int] = None,
+                       tp_group=None) -> list[LlamaChunk]:
     from megatron.core import parallel_state
 
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
     num_stages = cfg.parallel.pipeline_model_parallel_size * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
     chunks = []
     for stage, first, n in stage_layout(cfg, pp_rank):
         chunk = LlamaChunk(cfg, first, n, pre_process=(stage == 0), post_process=(stage == num_stages - 1),
-                           device=device)
+                           device=device, tp_group=tp_group)
         mark_sharded_parameters(chunk)
         chunks.append(chunk.to(device))
     return chunks
+
+
+class StandInGroup:
+    """Answers size() and rank() like a tensor-parallel group of `size` ranks, so one process can
+    build (on the meta device) exactly the shards a rank of a large layout would hold."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[LlamaChunk]:
+    """One pipeline rank's chunks with no memory behind them. Megatron's layers read group sizes
+    only once torch.distributed is up, so a world of one is made if none exists."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29499")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    group = StandInGroup(cfg.parallel.tensor_model_parallel_size, tp_rank)
+    with torch.device("meta"):
+        return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)
 
 
 def is_first_stage() -> bool:
