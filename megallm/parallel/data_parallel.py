@@ -47,16 +47,26 @@ def is_tensor_parallel_unique(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or _ps().get_tensor_model_parallel_rank() == 0
 
 
-def global_grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
-    """L2 norm of the whole model's gradient. After DDP's all-reduce the data-parallel replicas hold
-    equal gradients, so the sum runs over the model-parallel (tp x pp) group only."""
-    params = [p for p in params if p.grad is not None and is_tensor_parallel_unique(p)]
-    device = params[0].device if params else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        sq += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(sq, group=_ps().get_model_parallel_group())
-    return sq.sqrt().float()
+def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool]:
+    """L2 norm of the whole model's gradient, and whether any of this rank's gradients is NaN/Inf.
+
+    After DDP's all-reduce the data-parallel replicas hold equal gradients, so the norm sums over
+    the model-parallel (tp x pp) group only, counting replicated parameters on tp rank 0. The
+    non-finite flag looks at every local gradient, replicated ones included: a NaN in tp rank 1's
+    copy of a norm weight is outside the norm but would still poison that rank's weights."""
+    grads = [(p.grad, is_tensor_parallel_unique(p)) for p in params if p.grad is not None]
+    device = grads[0][0].device if grads else torch.device("cpu")
+    counted = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    for g, unique in grads:
+        sq = g.detach().double().pow(2).sum()
+        if unique:
+            counted += sq
+        else:
+            replicated += sq
+    local_nonfinite = not bool(torch.isfinite(counted + replicated))
+    dist.all_reduce(counted, group=_ps().get_model_parallel_group())
+    return counted.sqrt().float(), local_nonfinite
 
 
 def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from megallm import __version__
 from megallm.model import weight_mapping as wm
+from megallm.training import faults
 
 LATEST = "latest_checkpointed_iteration.txt"
 FORMAT = "megallm-checkpoint-v1"
@@ -183,6 +184,7 @@ def save(tr) -> Path:
     dist.all_gather_object(all_hashes, hashes)
     dist.all_gather_object(steps, step)
 
+    faults.maybe_crash_in_save(tr.iteration)
     if rank == 0:
         files = {k: v for h in all_hashes for k, v in h.items()}
         step = next((s for s in steps if s is not None), None)

@@ -12,8 +12,8 @@ import os
 
 
 def under_ft_launcher() -> bool:
-    # ft_launcher exports the rank monitor's IPC socket path to each worker.
-    return any(k.startswith("FT_") or "RANK_MONITOR" in k for k in os.environ) and "TORCHELASTIC_RUN_ID" in os.environ
+    # ft_launcher hands each worker its rank monitor's IPC socket in this variable.
+    return "FT_RANK_MONITOR_IPC_SOCKET" in os.environ
 
 
 def attach(trainer) -> None:

@@ -10,7 +10,6 @@ Process groups must exist before `Trainer.build` (see launch/pretrain_llama2.py)
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +24,7 @@ from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
+from megallm.training import faults
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
 from megallm.training.spikes import RollbackPolicy, SpikeDecision, SpikeDetector
@@ -83,6 +83,7 @@ class Trainer:
         interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
         model = dp_utils.wrap_data_parallel(chunks, interleaved)
         runner = PipelineRunner(model, cfg, cfg.num_micro_batches(world_size), loss_fn, device)
+        runner.warmup()
         optimizer = build_optimizer(model, cfg)
         if datasets is None:
             from megallm.data.dataset import build_datasets
@@ -130,16 +131,19 @@ class Trainer:
     def train_step(self) -> dict:
         """One iteration: forward/backward of the global batch, then update or skip on every rank alike."""
         cfg, start = self.cfg, time.perf_counter()
+        faults.maybe_hang(self.iteration + 1)
         for p in self.params:
             p.grad = None
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             losses = self.runner.step(tokens, labels)
-        _maybe_inject_nan(self.params, self.iteration + 1)
+        faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
+                                      cfg.training.global_batch_size)
 
         loss = dp_utils.global_loss(losses, self.device)
-        grad_norm = float(dp_utils.global_grad_norm(self.params))
-        local_nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        norm, grads_nonfinite = dp_utils.global_grad_norm(self.params)
+        grad_norm = float(norm)
+        local_nonfinite = grads_nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm))
         nonfinite = dp_utils.any_rank(local_nonfinite, self.device)
         decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=nonfinite)
         action = cfg.spike.spike_action
@@ -268,19 +272,3 @@ def _describe(dataset, samples: list[int]):
         return describe_samples(dataset, samples)
     except (AttributeError, TypeError, NotImplementedError):
         return None  # e.g. synthetic data has no documents
-
-
-def _maybe_inject_nan(params: list[nn.Parameter], iteration: int) -> None:
-    """Test hook: MEGALLM_INJECT_NAN="RANK:ITERATION[,RANK:ITERATION...]" poisons that global rank's
-    gradient at that iteration, after DDP's all-reduce, i.e. a NaN only that rank sees."""
-    spec = os.environ.get("MEGALLM_INJECT_NAN")
-    if not spec:
-        return
-    rank = torch.distributed.get_rank()
-    for item in spec.split(","):
-        r, it = (int(v) for v in item.split(":"))
-        if r == rank and it == iteration:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.view(-1)[0] = float("nan")
-                    return
