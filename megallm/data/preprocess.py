@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -157,7 +158,7 @@ def _decode(chunk: _Chunk, line: int, raw: bytes) -> tuple[Optional[list[str]], 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return None, f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+        return None, f"{where}: not valid JSON: {e.msg} (column {e.colno})"
     if not isinstance(obj, dict):
         return None, f"{where}: not a JSON object (got {type(obj).__name__})"
     texts = []
@@ -202,7 +203,9 @@ class _Outputs:
     """One megatron IndexedDatasetBuilder per key, under temporary names until commit()."""
 
     def __init__(self, output_prefix: str, json_keys: Sequence[str], vocab_size: int, inputs: Sequence[str]):
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+        with warnings.catch_warnings():  # megatron.core's import warns about absent GPU extras
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         self.finals = {k: output_prefix_for(output_prefix, k) for k in json_keys}
         self.temps = {k: f"{p}.tmp-{os.getpid()}" for k, p in self.finals.items()}
@@ -261,6 +264,9 @@ def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output
     chunks = _chunks(inputs, txt_blocks, chunk_records, gate, stop)
     pool, outputs, bar, start = None, None, None, time.perf_counter()
     try:
+        # megatron.core first, before workers compete for the cores: its import takes seconds and
+        # swallows a Ctrl-C that lands inside it
+        outputs = _Outputs(str(output_prefix), json_keys, vocab_size, inputs)
         if workers > 1:
             # spawn: workers import only sentencepiece and numpy, never the parent's torch/megatron
             pool = multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, init_args)
@@ -276,8 +282,6 @@ def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output
             gate.release()
             for line, status, payload in chunk_results:
                 if status == "ok":
-                    if outputs is None:  # megatron imports in seconds; only once there is work
-                        outputs = _Outputs(str(output_prefix), json_keys, vocab_size, inputs)
                     outputs.add(file_id, line, payload)
                     summary.documents += 1
                     summary.tokens += sum(len(d) for d in payload)
@@ -294,8 +298,6 @@ def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output
             if bar is not None:
                 bar.update(chunk_bytes)
                 bar.set_postfix_str(f"{summary.documents / (time.perf_counter() - start):,.0f} docs/s")
-        if outputs is None:
-            outputs = _Outputs(str(output_prefix), json_keys, vocab_size, inputs)
         outputs.commit()
     except BaseException:
         stop.set()
