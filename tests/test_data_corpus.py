@@ -64,3 +64,14 @@ def test_junk_documents_are_planted_and_traceable(two_datasets, tokenizer_model,
     train = build_datasets(cfg)[0]
     hits = [d for d in describe_samples(train, range(len(train))) if any(s.startswith("junk:") for s in d["sources"])]
     assert hits and all(set(d["documents"]) & {0, 10, 11} for d in hits)
+
+
+def test_prepare_demo_data_end_to_end(tmp_path):
+    from megallm.data.check import check_data
+    from megallm.data.corpus import prepare_demo_data
+
+    prefix, model = prepare_demo_data(tmp_path, vocab_size=512, max_files=2)
+    assert check_data([prefix], 512, str(model)) == [] and load_tokenizer(model).vocab_size == 512
+    stamp = Path(prefix + ".idx").stat().st_mtime_ns
+    assert prepare_demo_data(tmp_path, vocab_size=512, max_files=2) == (prefix, model)  # cached
+    assert Path(prefix + ".idx").stat().st_mtime_ns == stamp

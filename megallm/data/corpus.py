@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from megallm.data.preprocess import publish_dataset, remove_dataset
 from megallm.data.provenance import Provenance, load_provenance, sidecar_path
 
 DEMO_FILE = "shakespeare.jsonl"
@@ -84,23 +85,45 @@ def write_junk_dataset(clean_prefix: str, out_prefix: str, vocab_size: int, junk
     file_index, lines = [], []
     tmp = f"{out_prefix}.tmp-{os.getpid()}"
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=clean.index.dtype)
-    source, n_planted = 0, 0
-    for position in range(n_out):
-        if planted and position == planted[0]:
-            doc = rng.integers(0, vocab_size, junk_len)
-            file_index.append(len(files) - 1)
-            lines.append(n_planted)  # "junk:N": the N-th planted document
-            n_planted += 1
-            planted.pop(0)
-        else:
-            doc = clean[source]
-            file_index.append(prov.file_index[source] if prov else 0)
-            lines.append(prov.line[source] if prov else source)
-            source += 1
-        builder.add_document(np.asarray(doc), [len(doc)])
-    builder.finalize(tmp + ".idx")
-    Provenance(files, np.array(file_index, dtype=np.int32), np.array(lines, dtype=np.int64)).save(sidecar_path(tmp))
-    for ext in (".prov.npz", ".bin", ".idx"):
-        os.replace(tmp + ext, out_prefix + ext)
+    try:
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=clean.index.dtype)
+        junk_number = {position: n for n, position in enumerate(planted)}
+        source = 0
+        for position in range(n_out):
+            if position in junk_number:
+                doc = rng.integers(0, vocab_size, junk_len)
+                file_index.append(len(files) - 1)
+                lines.append(junk_number[position])  # "junk:N": the N-th planted document
+            else:
+                doc = clean[source]
+                file_index.append(prov.file_index[source] if prov else 0)
+                lines.append(prov.line[source] if prov else source)
+                source += 1
+            builder.add_document(np.asarray(doc), [len(doc)])
+        builder.finalize(tmp + ".idx")
+        Provenance(files, np.array(file_index, dtype=np.int32), np.array(lines, dtype=np.int64)).save(sidecar_path(tmp))
+        publish_dataset(tmp, out_prefix)
+    except BaseException:
+        remove_dataset(tmp)
+        raise
     return out_prefix
+
+
+def prepare_demo_data(data_dir: str | Path, vocab_size: int = 4096, workers: int = 1, progress: bool = False,
+                      max_files: int | None = None) -> tuple[str, Path]:
+    """The demo's data, end to end and cached in `data_dir`: corpus -> tokenizer -> preprocessed
+    dataset -> check. Returns (dataset prefix for --data-path, tokenizer model path)."""
+    from megallm.data.check import require_clean_data
+    from megallm.data.preprocess import output_prefix_for, preprocess
+    from megallm.data.tokenizer import train_tokenizer
+
+    data_dir = Path(data_dir)
+    corpus = prepare_demo_corpus(data_dir, max_files=max_files)
+    model = data_dir / f"tok{vocab_size}.model"
+    if not model.exists():
+        train_tokenizer([corpus], vocab_size, data_dir / f"tok{vocab_size}")
+    prefix = output_prefix_for(data_dir / f"shakespeare_tok{vocab_size}", "text")
+    if not os.path.exists(prefix + ".idx"):
+        preprocess([corpus], model, data_dir / f"shakespeare_tok{vocab_size}", workers=workers, progress=progress)
+    require_clean_data([prefix], vocab_size, str(model))
+    return prefix, model

@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from megallm.data.provenance import Provenance, sidecar_path
+from megallm.data.provenance import SUFFIX, Provenance, sidecar_path
 from megallm.data.tokenizer import load_tokenizer
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -61,7 +61,7 @@ class PreprocessSummary:
         rate = f"{self.documents / max(self.seconds, 1e-9):,.0f} docs/s, {self.bytes / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
         lines = [f"{self.documents:,} documents, {self.tokens:,} tokens from {self.bytes / 1e6:.1f} MB "
                  f"in {self.seconds:.1f} s ({rate})"]
-        lines += [f"wrote {p}.bin/.idx/{sidecar_path('')}" for p in self.outputs.values()]
+        lines += [f"wrote {p}.bin, .idx, {SUFFIX}" for p in self.outputs.values()]
         if self.skipped:
             lines.append(f"skipped {self.skipped} bad lines, first: " + "; ".join(self.skipped_examples))
         if self.empty:
@@ -228,16 +228,26 @@ class _Outputs:
             self.builders[key].finalize(tmp + ".idx")
             prov.save(sidecar_path(tmp))
         for key, tmp in self.temps.items():
-            final = self.finals[key]
-            for ext in (".prov.npz", ".bin", ".idx"):  # .idx last: a pair is complete once it exists
-                os.replace(tmp + ext, final + ext)
+            publish_dataset(tmp, self.finals[key])
 
     def discard(self) -> None:
         for key, tmp in self.temps.items():
             self.builders[key].data_file.close()
-            for ext in (".bin", ".idx", ".prov.npz"):
-                if os.path.exists(tmp + ext):
-                    os.remove(tmp + ext)
+            remove_dataset(tmp)
+
+
+DATASET_FILES = (SUFFIX, ".bin", ".idx")  # .idx last: a .bin/.idx pair is complete once it exists
+
+
+def publish_dataset(tmp_prefix: str, prefix: str) -> None:
+    for ext in DATASET_FILES:
+        os.replace(tmp_prefix + ext, prefix + ext)
+
+
+def remove_dataset(prefix: str) -> None:
+    for ext in DATASET_FILES:
+        if os.path.exists(prefix + ext):
+            os.remove(prefix + ext)
 
 
 def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output_prefix: str | Path,
@@ -264,8 +274,8 @@ def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output
     chunks = _chunks(inputs, txt_blocks, chunk_records, gate, stop)
     pool, outputs, bar, start = None, None, None, time.perf_counter()
     try:
-        # megatron.core first, before workers compete for the cores: its import takes seconds and
-        # swallows a Ctrl-C that lands inside it
+        # megatron.core (for its builder) first: its import takes seconds, better spent before the
+        # workers take the cores
         outputs = _Outputs(str(output_prefix), json_keys, vocab_size, inputs)
         if workers > 1:
             # spawn: workers import only sentencepiece and numpy, never the parent's torch/megatron
