@@ -38,7 +38,9 @@ def stage_parameters(cfg: Config, layout: Layout) -> list[StageParameters]:
     per_chunk = m.num_layers // (pp * vpp)
     layer, layer_norms = layer_parameter_count(m), 2 * h
     layer_per_gpu = (layer - layer_norms) // tp + layer_norms
-    head_matrix = vocab * h if m.untie_embeddings_and_output_weights else 0
+    # megallm's last chunk always builds its own output layer (with tied embeddings and pp > 1
+    # Megatron, too, keeps a copy there), so the head matrix is counted whatever the tie flag says.
+    head_matrix = vocab * h
     stages = []
     for r in range(pp):
         layers = [n for c in range(r, pp * vpp, pp) for n in range(c * per_chunk, (c + 1) * per_chunk)]
