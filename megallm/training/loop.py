@@ -144,6 +144,7 @@ class Trainer:
         norm, grads_nonfinite = dp_utils.global_grad_norm(self.params)
         grad_norm = float(norm)
         local_nonfinite = grads_nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm))
+        spike_start = time.perf_counter()  # the detector's own cost: two 1-element all-reduces + stats
         nonfinite = dp_utils.any_rank(local_nonfinite, self.device)
         decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=nonfinite)
         action = cfg.spike.spike_action
@@ -151,6 +152,7 @@ class Trainer:
         if decision.spike != skip and action != "warn":  # another rank flagged it (e.g. its own NaN)
             decision.spike, decision.reason = True, decision.reason or "nonfinite_grad"
         lr = current_lr(self.optimizer)
+        spike_ms = (time.perf_counter() - spike_start) * 1000.0
 
         if skip:
             for p in self.params:
@@ -171,7 +173,8 @@ class Trainer:
             "grad_norm": grad_norm, "skipped": skip, "skip_reason": decision.reason if decision.spike else None,
             "loss_zscore": decision.loss_zscore, "grad_zscore": decision.grad_zscore,
             "tokens_per_sec": cfg.training.global_batch_size * cfg.training.seq_length / elapsed,
-            "elapsed_ms": elapsed * 1000.0, "global_batch_size": cfg.training.global_batch_size,
+            "elapsed_ms": elapsed * 1000.0, "spike_check_ms": spike_ms,
+            "global_batch_size": cfg.training.global_batch_size,
             "seq_length": cfg.training.seq_length,
         }
         if decision.spike:
@@ -182,10 +185,20 @@ class Trainer:
         cfg = self.cfg
         self.policy.record_spike(self.iteration)
         action = cfg.spike.spike_action
-        if action == "rollback" and self.policy.wants_rollback(self.iteration):
-            action = "rollback"
-        elif action == "rollback":
+        persistent = self.policy.wants_rollback(self.iteration)
+        if action == "rollback" and not persistent:
             action = "skip"
+        elif action == "skip" and persistent:
+            # Skipping cannot leave a bad parameter state; see SpikeDetector.rebaseline.
+            spikes = self.policy.recent_spikes(self.iteration)
+            self.detector.rebaseline()
+            self.policy.forget(spikes)
+            self.logger.event("persistent_spikes", self.iteration, spike_iterations=spikes,
+                              advice="skips persist: the parameters, not one batch, are the problem; the "
+                                     "detector re-baselined. --spike-action rollback would reload a checkpoint")
+            if self.logger.enabled:
+                print(f" warning: {len(spikes)} spikes within {cfg.spike.spike_skip_window} iterations "
+                      f"({spikes}); re-baselining the spike detector", flush=True)
         if self.logger.enabled:
             samples = self.global_batch_samples(consumed_before)
             self.logger.spike({

@@ -113,6 +113,13 @@ class SpikeDetector:
             loss_mean=_finite_or_none(self.loss.mean), loss_std=_finite_or_none(self.loss.std),
             grad_norm_mean=_finite_or_none(self.grad_norm.mean), grad_norm_std=_finite_or_none(self.grad_norm.std))
 
+    def rebaseline(self) -> None:
+        """Forget the window: skips that persist mean the parameters moved into a new regime (or a
+        bad one that skipping cannot leave); judging new steps against the old window would skip
+        forever. Detection resumes once min_history steps have been accepted again."""
+        self.loss.values.clear()
+        self.grad_norm.values.clear()
+
     def accept(self, loss: float, grad_norm: float) -> None:
         self.loss.add(loss)
         self.grad_norm.add(grad_norm)
@@ -159,7 +166,11 @@ class RollbackPolicy:
 
     def record_rollback(self, iteration: int, to_iteration: int, spikes: list[int]) -> None:
         self.rollbacks.append({"iteration": iteration, "to_iteration": to_iteration, "spike_iterations": spikes})
-        # The window starts afresh after a rollback: the same spikes must not trigger another.
+        self.forget(spikes)
+
+    def forget(self, spikes: list[int]) -> None:
+        """The window starts afresh after a rollback or re-baseline: the same spikes must not
+        trigger another."""
         self.spike_iterations = [i for i in self.spike_iterations if i not in spikes]
 
     def state_dict(self) -> dict:
