@@ -96,7 +96,11 @@ def main(argv=None) -> int:
                               p.virtual_pipeline_model_parallel_size, p.distributed_timeout_minutes)
     trainer = Trainer.build(cfg, world_size)
     if cfg.checkpoint.load:
-        loaded = checkpoint.load(trainer, cfg.checkpoint.load)
+        try:
+            loaded = checkpoint.load(trainer, cfg.checkpoint.load)
+        except checkpoint.CheckpointError as e:
+            rank0_print(f"checkpoint error: {e}")
+            return 2
         rank0_print(f" resumed from {cfg.checkpoint.load} at iteration {loaded}" if loaded is not None
                     else f" no checkpoint in {cfg.checkpoint.load}: starting from scratch")
     if cfg.training.exit_signal_handler:

@@ -207,13 +207,36 @@ def checkpoint_meta(tr, files: dict, adam_step: Optional[float]) -> dict:
         "format": FORMAT, "megallm_version": __version__, "iteration": tr.iteration,
         "consumed_samples": tr.consumed_samples, "adam_step": adam_step,
         "scheduler": tr.scheduler.state_dict(), "detector": tr.detector.state_dict(),
-        "policy": tr.policy.state_dict(), "config": tr.cfg.to_dict(),
+        "policy": tr.policy.state_dict(), "config": tr.cfg.to_dict(), "data_state": _data_state(tr),
         "layout": {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
                    "vpp": tr.cfg.parallel.virtual_pipeline_model_parallel_size,
                    "dp": ps.get_data_parallel_world_size(), "world_size": dist.get_world_size(),
                    "use_distributed_optimizer": tr.cfg.parallel.use_distributed_optimizer},
         "files": files,
     }
+
+
+def _data_state(tr) -> Optional[dict]:
+    """Where each dataset of the blend stands, so a resume with another --data-path replays nothing."""
+    if not tr.cfg.data.data_path:
+        return None
+    from megallm.data.blend import data_state
+
+    return data_state(tr.train_ds, tr.cfg.data.data_path, tr.consumed_samples, tr.exclude)
+
+
+def resume_data_state(path: str | Path) -> Optional[dict]:
+    """The data state of the checkpoint `load` would pick first (datasets are built before loading)."""
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        its = complete_iterations(path)
+        if not its:
+            return None
+        path = iter_dir(path, its[-1])
+    try:
+        return read_meta(path).get("data_state")
+    except CheckpointError:
+        return None
 
 
 def _write_atomic(path: Path, text: str) -> None:

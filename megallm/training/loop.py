@@ -87,8 +87,10 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
         if datasets is None:
             from megallm.data.dataset import build_datasets
+            from megallm.training.checkpoint import resume_data_state
 
-            datasets = build_datasets(cfg)
+            datasets = build_datasets(cfg, resume_state=resume_data_state(cfg.checkpoint.load)
+                                      if cfg.checkpoint.load else None)
         train_ds, valid_ds = datasets[0], datasets[1]
         exclude = None
         if cfg.data.exclude_samples:
