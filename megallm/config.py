@@ -268,10 +268,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    for name, (section, _, tp) in _field_index().items():
+    for name in _field_index():
         value = getattr(args, name, None)
         if value is not None:
-            setattr(getattr(cfg, section), name, _coerce(name, value, tp, "--" + name.replace("_", "-")))
+            apply_overrides(cfg, {name: value}, where="--" + name.replace("_", "-"))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrides") -> Config:
+    """Set fields by their flat (flag) names, e.g. {"tensor_model_parallel_size": 2, "tp": 2}."""
+    index = _field_index()
+    for name, value in overrides.items():
+        name = ALIASES.get(name, name)
+        if name not in index:
+            raise ConfigError(f"{where}: unknown field '{name}'")
+        section, _, tp = index[name]
+        setattr(getattr(cfg, section), name, _coerce(name, value, tp, where))
     return cfg
 
 
@@ -344,6 +356,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
          f"lr_decay_style={cfg.optimizer.lr_decay_style!r}: must be one of cosine, linear, constant")
     rule(cfg.optimizer.min_lr <= cfg.optimizer.lr,
          f"min_lr={cfg.optimizer.min_lr}: must not exceed lr={cfg.optimizer.lr}")
+    decay = cfg.optimizer.lr_decay_iters or t.train_iters
+    rule(warmup_iters(cfg) < decay,
+         f"lr_warmup_iters={warmup_iters(cfg)}: warmup must end before the decay does "
+         f"(lr_decay_iters, default train_iters = {decay})")
     if cfg.spike.spike_action == "rollback":
         rule(bool(cfg.checkpoint.save) and cfg.checkpoint.save_interval > 0,
              "spike_action=rollback: needs --save DIR and --save-interval N > 0 (something to roll back to)")
@@ -426,9 +442,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Print a resolved megallm config and its parameter count.")
     parser.add_argument("--describe", action="store_true", help="print the resolved config and parameter count")
     parser.add_argument("--world-size", type=int, default=None, help="also validate for this many ranks")
+    parser.add_argument("--stage", type=int, default=None, metavar="PP_RANK",
+                        help="also build this pipeline rank's chunks on the meta device (no memory) and count "
+                             "the parameters one of its tensor-parallel ranks holds")
     cfg, args = parse_config(argv, parser)
     errors = validate(cfg, args.world_size)
     print(describe(cfg, args.world_size))
+    if args.stage is not None and not errors:
+        from megallm.parallel.pipeline import build_stage_on_meta
+
+        chunks = build_stage_on_meta(cfg, args.stage)
+        layers = [n for c in chunks for n in c.layer_numbers]
+        count = sum(p.numel() for c in chunks for p in c.parameters())
+        print(f"pipeline rank {args.stage}: layers {layers[0]}..{layers[-1]}, {count:,} parameters per "
+              f"tensor-parallel rank (tp={cfg.parallel.tensor_model_parallel_size}), built on the meta device")
     for w in lint_hyperparameters(cfg):
         print(f"warning: {w}")
     for e in errors:

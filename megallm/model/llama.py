@@ -1,0 +1,196 @@
+"""The LLaMA2 decoder, assembled from megatron-core's tensor-parallel layers.
+
+    tokens -> VocabParallelEmbedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
+           -> RMSNorm -> ColumnParallelLinear (vocab-parallel logits)
+
+A pipeline stage holds a `LlamaChunk`: a contiguous range of decoder layers, plus the embedding
+on the first chunk and the final norm and output head on the last. The model knows nothing of
+process groups: the megatron layers find their tensor-parallel group themselves, and all shapes
+below are per tensor-parallel rank ("local").
+
+Fused weights, per tensor-parallel rank r (the weight mapping in `weight_mapping.py` converts):
+    linear_qkv rows = [q heads of r | k groups of r | v groups of r]
+    linear_fc1 rows = [gate of r | up of r]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megallm import platform
+from megallm.config import Config, ModelConfig
+
+
+def _tensor_parallel():
+    # Imported lazily: megatron.core costs seconds to import and tools like the planner do not need it.
+    from megatron.core import tensor_parallel
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return tensor_parallel, ModelParallelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(dim: int, eps: float) -> nn.Module:
+    fused = platform.fused_rms_norm()
+    return fused(dim, eps=eps) if fused is not None else RMSNorm(dim, eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the rotate-half convention (HuggingFace's weight layout; no q/k permutation needed)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device))
+        angles = torch.cat([freqs, freqs], dim=-1)  # [s, head_dim]
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, heads, s, d]; cos/sin: [s, d]."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention; each tensor-parallel rank owns whole query groups."""
+
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
+        super().__init__()
+        tensor_parallel, _ = _tensor_parallel()
+        self.head_dim = m.kv_channels
+        self.num_heads = m.num_attention_heads // tp
+        self.num_groups = m.num_query_groups // tp
+        qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * self.head_dim
+        self.linear_qkv = tensor_parallel.ColumnParallelLinear(
+            m.hidden_size, qkv_out, config=mp_config, init_method=init_method, bias=False, gather_output=False,
+            tp_group=tp_group)
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            m.num_attention_heads * self.head_dim, m.hidden_size, config=mp_config, init_method=output_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+        self.dropout = m.attention_dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.linear_qkv(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_groups * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
+        out, _ = self.linear_proj(out.transpose(1, 2).reshape(b, s, q_size))
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel GEMM."""
+
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
+        super().__init__()
+        tensor_parallel, _ = _tensor_parallel()
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            m.hidden_size, 2 * m.ffn_hidden_size, config=mp_config, init_method=init_method, bias=False,
+            gather_output=False, tp_group=tp_group)
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            m.ffn_hidden_size, m.hidden_size, config=mp_config, init_method=output_init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, _ = self.linear_fc1(x)
+        gate, up = fc1.chunk(2, dim=-1)
+        out, _ = self.linear_fc2(F.silu(gate) * up)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
+        super().__init__()
+        self.input_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+        self.self_attention = Attention(m, mp_config, tp, init_method, output_init_method, tp_group)
+        self.post_attention_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+        self.mlp = MLP(m, mp_config, tp, init_method, output_init_method, tp_group)
+        self.hidden_dropout = m.hidden_dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.self_attention(self.input_layernorm(x), cos, sin), self.hidden_dropout, self.training)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout, self.training)
+
+
+class LlamaChunk(nn.Module):
+    """Decoder layers [first_layer, first_layer + num_layers) of the model, with the embedding if
+    `pre_process` and the final norm + output head if `post_process`.
+
+    forward: tokens [b, s] (pre_process) or hidden [b, s, h] -> hidden, or vocab-parallel logits
+    [b, s, vocab/tp] (post_process). `tp_group` is handed to megatron's layers as is (megatron is
+    making it a required argument); the model itself never communicates.
+    """
+
+    def __init__(self, cfg: Config, first_layer: int, num_layers: int, pre_process: bool, post_process: bool,
+                 device: Optional[torch.device] = None, tp_group=None):
+        super().__init__()
+        tensor_parallel, ModelParallelConfig = _tensor_parallel()
+        m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+        # Weights are filled afterwards from layout-independent values (see init_weights), so
+        # megatron's own initialisation is skipped.
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=tp, use_cpu_initialization=(device is None or device.type != "cuda"),
+            perform_initialization=False, params_dtype=torch.float32, sequence_parallel=False)
+        noop = lambda w: w  # noqa: E731
+        self.first_layer, self.pre_process, self.post_process = first_layer, pre_process, post_process
+        self.layer_numbers = list(range(first_layer, first_layer + num_layers))
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                cfg.padded_vocab_size, m.hidden_size, init_method=noop, config=mp_config, tp_group=tp_group)
+        self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop, tp_group) for _ in self.layer_numbers)
+        if post_process:
+            self.final_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                m.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=noop, bias=False,
+                gather_output=False, tp_group=tp_group)
+        self.rotary = RotaryEmbedding(m.kv_channels, m.rotary_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_process:
+            x = self.embedding(x)
+        cos, sin = self.rotary(x.shape[1], x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        if self.post_process:
+            x, _ = self.output_layer(self.final_layernorm(x))
+        return x
+
+
+def init_std(m: ModelConfig) -> tuple[float, float]:
+    """Megatron's init: N(0, std) and, for the layers writing into the residual stream (attention
+    output, MLP down projection), std / sqrt(2 * num_layers) so the residual's variance stays
+    bounded with depth."""
+    return m.init_method_std, m.init_method_std / math.sqrt(2.0 * m.num_layers)

@@ -1,0 +1,97 @@
+"""Data parallelism and the reductions that make every rank see the same numbers.
+
+- DDP (torch) over the data-parallel group; ZeRO-1 through torch's ZeroRedundancyOptimizer.
+- The global gradient norm over tensor, pipeline and data parallel ranks, counting parameters that
+  are replicated across tensor-parallel ranks (the RMSNorm weights) once.
+- The global loss: mean over micro-batches and data-parallel ranks, made on the last pipeline
+  stage and broadcast to every rank, so the spike detector decides from identical values.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def wrap_data_parallel(chunks: list[nn.Module], interleaved: bool) -> list[nn.Module]:
+    group = _ps().get_data_parallel_group()
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    # find_unused_parameters: the interleaved schedule runs a chunk's backward in several passes
+    # and DDP's reducer otherwise fails on the second step ("rebuilt params size").
+    # broadcast_buffers=False: the only buffers are RoPE frequencies, equal everywhere.
+    return [DistributedDataParallel(c, process_group=group, device_ids=device_ids, broadcast_buffers=False,
+                                    find_unused_parameters=interleaved) for c in chunks]
+
+
+def zero1_optimizer(param_groups: list[dict], optimizer_class, **defaults):
+    """ZeRO-1: each data-parallel rank keeps the Adam moments of a 1/dp share of the parameters."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class,
+                                   process_group=_ps().get_data_parallel_group(), **defaults)
+
+
+def is_tensor_parallel_unique(p: torch.Tensor) -> bool:
+    """True for a parameter whose values this rank alone holds (a shard), or the tp-rank-0 copy of a
+    replicated one: the set of parameters that makes up the model exactly once per tp group."""
+    return bool(getattr(p, "tensor_model_parallel", False)) or _ps().get_tensor_model_parallel_rank() == 0
+
+
+def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool]:
+    """L2 norm of the whole model's gradient, and whether any of this rank's gradients is NaN/Inf.
+
+    After DDP's all-reduce the data-parallel replicas hold equal gradients, so the norm sums over
+    the model-parallel (tp x pp) group only, counting replicated parameters on tp rank 0. The
+    non-finite flag looks at every local gradient, replicated ones included: a NaN in tp rank 1's
+    copy of a norm weight is outside the norm but would still poison that rank's weights."""
+    grads = [(p.grad, is_tensor_parallel_unique(p)) for p in params if p.grad is not None]
+    device = grads[0][0].device if grads else torch.device("cpu")
+    counted = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    for g, unique in grads:
+        sq = g.detach().double().pow(2).sum()
+        if unique:
+            counted += sq
+        else:
+            replicated += sq
+    local_nonfinite = not bool(torch.isfinite(counted + replicated))
+    dist.all_reduce(counted, group=_ps().get_model_parallel_group())
+    return counted.sqrt().float(), local_nonfinite
+
+
+def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    coef = max_norm / (float(total_norm) + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def global_loss(local_losses: Optional[list[torch.Tensor]], device: torch.device) -> float:
+    """Mean loss over micro-batches and data-parallel ranks, the same float on every rank."""
+    ps = _ps()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    if local_losses is not None:
+        loss += torch.stack([l.double() for l in local_losses]).mean()
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= ps.get_data_parallel_world_size()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return float(loss)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """OR over all ranks: a rank-local NaN must make every rank skip, or the ranks diverge and hang."""
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,180 @@
+"""Pipeline parallelism: which layers this rank holds, and one training step over micro-batches.
+
+The schedules are torch.distributed.pipelining's; this module is the small interface the training
+loop sees (its API still moves between torch releases, so nothing else imports it):
+
+    chunks = build_model_chunks(cfg, device)          # this rank's LlamaChunks (vpp of them)
+    runner = PipelineRunner(wrapped_chunks, cfg, n_microbatches, loss_fn, device)
+    losses = runner.step(tokens, labels)              # per-micro-batch losses on the last stage
+
+Chunk v of pipeline rank r is virtual stage s = v * pp + r and holds layers
+[s * L / (pp * vpp), (s + 1) * L / (pp * vpp)): Megatron's interleaved assignment.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from megallm.config import Config
+from megallm.model.llama import LlamaChunk
+from megallm.model.weight_mapping import mark_sharded_parameters
+
+
+def stage_layout(cfg: Config, pp_rank: int) -> list[tuple[int, int, int]]:
+    """[(virtual stage index, first layer, number of layers)] for each chunk of a pipeline rank."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    per_chunk = cfg.model.num_layers // (pp * vpp)
+    return [(v * pp + pp_rank, (v * pp + pp_rank) * per_chunk, per_chunk) for v in range(vpp)]
+
+
+def build_model_chunks(cfg: Config, device: torch.device, pp_rank: Optional[int] = None,
+                       tp_group=None) -> list[LlamaChunk]:
+    from megatron.core import parallel_state
+
+    if pp_rank is None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    num_stages = cfg.parallel.pipeline_model_parallel_size * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
+    chunks = []
+    for stage, first, n in stage_layout(cfg, pp_rank):
+        chunk = LlamaChunk(cfg, first, n, pre_process=(stage == 0), post_process=(stage == num_stages - 1),
+                           device=device, tp_group=tp_group)
+        mark_sharded_parameters(chunk)
+        chunks.append(chunk.to(device))
+    return chunks
+
+
+class StandInGroup:
+    """Answers size() and rank() like a tensor-parallel group of `size` ranks, so one process can
+    build (on the meta device) exactly the shards a rank of a large layout would hold."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[LlamaChunk]:
+    """One pipeline rank's chunks with no memory behind them. Megatron's layers read group sizes
+    only once torch.distributed is up, so a world of one is made if none exists."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29499")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    group = StandInGroup(cfg.parallel.tensor_model_parallel_size, tp_rank)
+    with torch.device("meta"):
+        return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)
+
+
+def is_first_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank() == 0
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank() == parallel_state.get_pipeline_model_parallel_world_size() - 1
+
+
+class PipelineRunner:
+    """Forward and backward of one global batch's micro-batches on this rank.
+
+    Gradients are those of the mean loss over the rank's micro-batches (torch's `scale_grads`),
+    and torch pipelining already wraps all but the last micro-batch's backward in DDP's no_sync.
+    """
+
+    def __init__(self, chunks: list[nn.Module], cfg: Config, n_microbatches: int,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device):
+        from megatron.core import parallel_state
+
+        self.chunks, self.n_microbatches, self.loss_fn = chunks, n_microbatches, loss_fn
+        self.pp = cfg.parallel.pipeline_model_parallel_size
+        self.schedule = None
+        if self.pp == 1:
+            return
+        from torch.distributed import pipelining
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        num_stages = self.pp * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
+        # No static input/output shapes: they are broken in torch 2.13 (stage 0 can get zero
+        # gradients); shapes are inferred from the first micro-batch instead.
+        stages = [pipelining.PipelineStage(chunk, stage, num_stages, device, group=group)
+                  for chunk, (stage, _, _) in zip(chunks, stage_layout(cfg, pp_rank))]
+        schedule = cfg.parallel.pipeline_schedule
+        if cfg.parallel.virtual_pipeline_model_parallel_size:
+            cls = pipelining.ScheduleInterleavedZeroBubble if schedule == "zero_bubble" else pipelining.ScheduleInterleaved1F1B
+            self.schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
+        else:
+            cls = pipelining.ScheduleGPipe if schedule == "gpipe" else pipelining.Schedule1F1B
+            self.schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
+        self.first = pp_rank == 0
+        self.last = pp_rank == self.pp - 1
+        self.micro_batch_size, self.seq_length = cfg.training.micro_batch_size, cfg.training.seq_length
+        self.device = device
+
+    def warmup(self) -> None:
+        """One discarded step on a batch of zeros. torch.distributed.pipelining's first step on a
+        new schedule differs in the last bits from its later steps (measured at tp 2 x pp 2 x dp 2:
+        the last stage's gradients), so without it a resumed run would not repeat an uninterrupted
+        one exactly. Gradients are dropped; no optimizer state is touched."""
+        if self.schedule is None:
+            return
+        zeros = torch.zeros(self.n_microbatches * self.micro_batch_size, self.seq_length, dtype=torch.long,
+                            device=self.device)
+        self.step(zeros, zeros)
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                p.grad = None
+
+    def step(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+        """tokens/labels: [n_microbatches * micro_batch_size, seq]. Returns the micro-batch losses
+        on ranks that hold the last stage, None elsewhere."""
+        if self.schedule is None:
+            return self._step_without_pipeline(tokens, labels)
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if self.first else ()
+        self.schedule.step(*args, target=labels if self.last else None, losses=losses if self.last else None,
+                           return_outputs=False)
+        return [l.detach() for l in losses] if self.last else None
+
+    @torch.no_grad()
+    def evaluate(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+        """Forward only: the micro-batch losses on last-stage ranks, None elsewhere."""
+        if self.schedule is None:
+            (model,) = self.chunks
+            return [self.loss_fn(model(x), y) for x, y in
+                    zip(tokens.chunk(self.n_microbatches), labels.chunk(self.n_microbatches))]
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if self.first else ()
+        self.schedule.eval(*args, target=labels if self.last else None, losses=losses if self.last else None)
+        return [l.detach() for l in losses] if self.last else None
+
+    def _step_without_pipeline(self, tokens, labels):
+        (model,) = self.chunks
+        losses = []
+        for i, (x, y) in enumerate(zip(tokens.chunk(self.n_microbatches), labels.chunk(self.n_microbatches))):
+            sync = i == self.n_microbatches - 1
+            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else nullcontext()
+            with ctx:
+                loss = self.loss_fn(model(x), y)
+                (loss / self.n_microbatches).backward()
+            losses.append(loss.detach())
+        return losses
+

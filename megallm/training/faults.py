@@ -1,0 +1,51 @@
+"""Fault injection for tests, switched on by environment variables (all off by default).
+
+    MEGALLM_INJECT_NAN="R:I,R:sS,..."  poison global rank R's gradient after DDP's all-reduce (a NaN
+                                      only that rank sees) at iteration I, or whenever its global
+                                      batch holds stream position S (a "bad sample" that follows the
+                                      data through rollbacks and resumes)
+    MEGALLM_CRASH_IN_SAVE="I"         rank 0 dies (os._exit) while writing checkpoint I, after the
+                                      files are written and before the directory is renamed
+    MEGALLM_HANG="R:I:MARKER"         rank R stops responding at iteration I (sleeps) unless MARKER
+                                      exists, which it creates: the restarted job runs through
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _entries(var: str) -> list[list[str]]:
+    spec = os.environ.get(var, "")
+    return [item.split(":") for item in spec.split(",") if item]
+
+
+def maybe_poison_gradients(params, iteration: int, consumed_before: int, global_batch_size: int) -> None:
+    for rank, when in _entries("MEGALLM_INJECT_NAN"):
+        if int(rank) != dist.get_rank():
+            continue
+        hit = (consumed_before <= int(when[1:]) < consumed_before + global_batch_size if when.startswith("s")
+               else int(when) == iteration)
+        if hit:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("nan")
+                    return
+
+
+def maybe_crash_in_save(iteration: int) -> None:
+    if os.environ.get("MEGALLM_CRASH_IN_SAVE") == str(iteration) and dist.get_rank() == 0:
+        os._exit(17)
+
+
+def maybe_hang(iteration: int) -> None:
+    for rank, it, marker in _entries("MEGALLM_HANG"):
+        if int(rank) == dist.get_rank() and int(it) == iteration and not Path(marker).exists():
+            Path(marker).touch()
+            while True:
+                time.sleep(60)

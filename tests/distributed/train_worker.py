@@ -1,0 +1,65 @@
+"""Runs several training scenarios in ONE torchrun launch (startup dominates on 2 CPU cores).
+
+    torchrun --nproc-per-node N tests/distributed/train_worker.py SPEC.json
+
+SPEC: {"config": "configs/tiny.yaml", "out": DIR, "scenarios": [{"name": ..., "overrides": {...},
+       "load": DIR?, "save_final": bool?, "env": {...}?}, ...]}
+Rank 0 writes DIR/<name>.json with the per-iteration records; a scenario that raises writes
+{"error": message} and the launch goes on with the next scenario.
+"""
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch.distributed as dist  # noqa: E402
+
+from megallm.config import apply_overrides, load_yaml, validate  # noqa: E402
+from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
+from megallm.training import checkpoint  # noqa: E402
+from megallm.training.loop import StopTraining, Trainer  # noqa: E402
+
+
+def run(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for sc in spec["scenarios"]:
+        cfg = apply_overrides(load_yaml(spec["config"]), {"tensorboard": False, **sc.get("overrides", {})})
+        errors = validate(cfg, world)
+        assert not errors, errors
+        os.environ.update(sc.get("env", {}))
+        p = cfg.parallel
+        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  p.virtual_pipeline_model_parallel_size)
+        result = {}
+        tr = Trainer.build(cfg, world)
+        try:
+            if sc.get("load"):
+                result["loaded_iteration"] = checkpoint.load(tr, sc["load"])
+            tr.train()
+            if sc.get("save_final"):
+                checkpoint.save(tr)
+        except (StopTraining, checkpoint.CheckpointError) as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        except Exception:  # a test failure must show the traceback, and other scenarios still run
+            result["error"] = traceback.format_exc()
+            raise
+        finally:
+            tr.logger.close()
+            for key in sc.get("env", {}):
+                os.environ.pop(key, None)
+        if rank == 0:
+            result.update(records=tr.records, iteration=tr.iteration, consumed_samples=tr.consumed_samples)
+            (out / f"{sc['name']}.json").write_text(json.dumps(result))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1])
