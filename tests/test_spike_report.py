@@ -80,7 +80,7 @@ def test_same_documents_found_and_advised(run):
     rules = {a["rule"]: a for a in report["advice"]}
     assert "appear in 3 spikes" in rules["repeated_documents"]["message"]
     assert "40, 75, 100" in rules["repeated_documents"]["evidence"]
-    assert "junk.jsonl:7" in rules["repeated_documents"]["evidence"]
+    assert "junk.jsonl:7 (3 samples)" in rules["repeated_documents"]["evidence"]
     assert "60" in rules["nonfinite"]["evidence"]
     # The fixture's optimizer is LLaMA2's except lr (tiny-model lr at a 2048-token batch).
     assert set(rules) == {"repeated_documents", "nonfinite", "lr_for_batch"}
@@ -114,6 +114,17 @@ def test_advice_rules_fire_on_their_thresholds():
     assert "lr_for_batch" not in rules(optimizer={"lr": 3e-4})
     assert "lr=0.000303" in rules(optimizer={"lr": 3.03e-4})["lr_for_batch"]
     assert "lr_for_batch" in rules(optimizer={"lr": 1.5e-4}, training={"global_batch_size": 64})  # 1/16 batch
+
+
+def test_synthetic_data_has_no_provenance():
+    """Synthetic data logs one entry per sample with no documents; that must not count as provenance."""
+    spikes = [{"iteration": it, "samples": [it, 99],
+               "documents": [{"sample": it, "dataset": "synthetic", "documents": [], "sources": []},
+                             {"sample": 99, "dataset": "synthetic", "documents": [], "sources": []}]}
+              for it in (3, 8)]
+    d = analysis.document_clustering(spikes)
+    assert d["spikes_with_documents"] == 0 and d["repeated_documents"] == []
+    assert d["repeated_samples"] == [{"sample": 99, "spikes": 2, "iterations": [3, 8]}]
 
 
 def test_time_clustering_against_uniform():

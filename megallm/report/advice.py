@@ -88,10 +88,12 @@ def advise(cfg: Optional[Config], spikes: list[dict], repeated_documents: list[d
         groups.setdefault(tuple(doc["iterations"]), []).append(doc)
     for its, docs in groups.items():
         k = max(d["spikes"] for d in docs)
-        where = [d["source"] or f"{d['dataset']} document {d['document']}" for d in docs]
+        where = [(d["source"] or f"{d['dataset']} document {d['document']}") + f" ({d['samples']} samples)"
+                 for d in docs]
         shown = ", ".join(where[:5]) + (f" (+{len(where) - 5} more)" if len(where) > 5 else "")
         add("repeated_documents", f"the same documents appear in {k} spikes: inspect them and leave their "
             f"samples out of the rerun (spike_report.py --skip-list FILE, then pretrain_llama2.py "
-            f"--exclude-samples FILE)",
+            f"--exclude-samples FILE); a long document spans many samples and can reach several batches "
+            f"by chance, a short one cannot",
             f"{len(docs)} document(s) in the batches of iterations {_iterations(list(its))}: {shown}")
     return out

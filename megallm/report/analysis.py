@@ -156,22 +156,26 @@ def _document_keys(entry: dict) -> list[tuple[tuple, Optional[str]]]:
 
 def document_clustering(spikes: list[dict], min_spikes: int = 2) -> dict:
     """Documents and samples that sit in the batches of at least `min_spikes` different spikes."""
-    doc_spikes, doc_sources = defaultdict(set), {}
+    doc_spikes, doc_sources, doc_samples = defaultdict(set), {}, defaultdict(int)
     sample_spikes = defaultdict(set)
     with_docs = 0
     for index, s in enumerate(spikes):
         for sample in s.get("samples") or []:
             sample_spikes[sample].add(index)
-        if not s.get("documents"):
+        # Synthetic data logs an entry per sample with no documents: that is no provenance.
+        if not any(entry.get("documents") for entry in s.get("documents") or []):
             continue
         with_docs += 1
         for entry in s["documents"]:
             for key, source in _document_keys(entry):
                 doc_spikes[key].add(index)
+                doc_samples[key] += 1
                 if source:
                     doc_sources[key] = source
+    # "samples": how many samples of those batches hold the document. A long document spans many
+    # samples and so reaches many batches by chance; one short document in k spikes does not.
     repeated = [{"dataset": key[0], "document": key[1], "source": doc_sources.get(key), "spikes": len(idx),
-                 "iterations": sorted({spikes[i]["iteration"] for i in idx})}
+                 "samples": doc_samples[key], "iterations": sorted({spikes[i]["iteration"] for i in idx})}
                 for key, idx in doc_spikes.items() if len(idx) >= min_spikes]
     repeated.sort(key=lambda d: (-d["spikes"], str(d["dataset"]), str(d["document"])))
     samples = [{"sample": k, "spikes": len(v), "iterations": sorted({spikes[i]["iteration"] for i in v})}

@@ -97,7 +97,7 @@ def _summary_lines(s: dict, rollbacks: list[dict], clustering: dict, zs: dict) -
     for key, label in (("loss_zscore", "loss"), ("grad_zscore", "grad norm")):
         if zs[key]:
             lines.append(f"largest {label} z-scores: " + ", ".join(
-                f"{z['zscore']:.1f} at {z['iteration']}" for z in zs[key][:3]))
+                f"{round(z['zscore'], 1) + 0.0:.1f} at {z['iteration']}" for z in zs[key][:3]))  # + 0.0: no "-0.0"
     t = clustering["time"]
     if t["observed_fraction"] is not None:
         lines.append(f"time clustering: {t['verdict']}: {t['close_gaps']} of {len(t['gaps'])} gaps between spikes "
@@ -106,7 +106,7 @@ def _summary_lines(s: dict, rollbacks: list[dict], clustering: dict, zs: dict) -
     d = clustering["documents"]
     if d["repeated_documents"]:
         k = d["repeated_documents"][0]["spikes"]
-        lines.append(f"same documents in several spikes: {len(d['repeated_documents'])} documents, up to {k} spikes each")
+        lines.append(f"same documents in several spikes: {len(d['repeated_documents'])} document(s), up to {k} spikes each")
     elif d["spikes_with_documents"]:
         lines.append(f"no document appears in more than one spike ({d['spikes_with_documents']} spikes with provenance)")
     if s["num_excluded_samples"]:
