@@ -36,11 +36,22 @@ from megallm.data.blend import ContinuedBlend, DataConfigError, dataset_key, par
 def split_sizes(cfg, excluded: int = 0) -> list[int]:
     """[train, valid, test] sample counts to ask of the builder (module docstring)."""
     t = cfg.training
-    train = t.train_iters * t.global_batch_size + excluded
+    train = t.train_iters * t.global_batch_size + excluded + rollback_headroom(cfg)
     if t.eval_interval <= 0:
         return [train, 0, 0]
     valid = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size
     return [train, valid, t.eval_iters * t.global_batch_size]
+
+
+def rollback_headroom(cfg) -> int:
+    """Samples a run with spike_action=rollback may step over beyond train_iters x global batch:
+    each rollback replays at most save_interval + spike_skip_window iterations on fresh data and
+    skips spike_rollback_skip_samples more."""
+    sp, t = cfg.spike, cfg.training
+    if sp.spike_action != "rollback":
+        return 0
+    per_rollback = (cfg.checkpoint.save_interval + sp.spike_skip_window) * t.global_batch_size + sp.spike_rollback_skip_samples
+    return sp.spike_max_rollbacks * per_rollback
 
 
 def default_cache_path(prefixes: list[str]) -> str:

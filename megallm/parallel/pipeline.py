@@ -80,18 +80,6 @@ def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[Lla
         return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)
 
 
-def is_first_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_pipeline_model_parallel_rank() == 0
-
-
-def is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_pipeline_model_parallel_rank() == parallel_state.get_pipeline_model_parallel_world_size() - 1
-
-
 class PipelineRunner:
     """Forward and backward of one global batch's micro-batches on this rank.
 

@@ -54,8 +54,12 @@ def run(spec_path: str) -> None:
             tr.logger.close()
             for key in sc.get("env", {}):
                 os.environ.pop(key, None)
+        skipped = [r["iteration"] for r in tr.records if r["skipped"]]
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, skipped)  # each rank's own decisions, to compare
         if rank == 0:
-            result.update(records=tr.records, iteration=tr.iteration, consumed_samples=tr.consumed_samples)
+            result.update(records=tr.records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
+                          skipped_per_rank=every_rank)
             (out / f"{sc['name']}.json").write_text(json.dumps(result))
         dist.barrier()
     dist.destroy_process_group()
