@@ -27,7 +27,7 @@ from megallm.checkpoint import convert  # noqa: E402
 from megallm.checkpoint.hf_config import ConversionError  # noqa: E402
 from megallm.checkpoint.hf_files import parse_size  # noqa: E402
 from megallm.config import ConfigError  # noqa: E402
-from megallm.training.checkpoint import CheckpointError  # noqa: E402
+from megallm.training.checkpoint import CheckpointError, read_meta  # noqa: E402
 
 
 def parse_args(argv):
@@ -77,8 +77,9 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {out}")
     if args.target == "megallm":
-        print(f"train from it: launch/pretrain_llama2.py ... --tp {layout['tp']} --pp {layout['pp']}"
-              + (f" --vpp {layout['vpp']}" if layout["vpp"] else "") + f" --load {args.output}")
+        model = convert.config_from_meta(read_meta(out), str(out)).model
+        print(f"train from it: launch/pretrain_llama2.py {convert.model_flags(model)} --tp {layout['tp']} "
+              f"--pp {layout['pp']}" + (f" --vpp {layout['vpp']}" if layout["vpp"] else "") + f" --load {args.output}")
     return 0
 
 

@@ -79,6 +79,12 @@ def config_from_meta(meta: dict, where: str) -> Config:
     return apply_overrides(Config(), flat, where=where)
 
 
+def model_flags(m: ModelConfig) -> str:
+    """The launcher flags that build this model (norm epsilon and RoPE base included: loading
+    cannot catch those, the weights have the same shapes either way)."""
+    return " ".join(f"--{name.replace('_', '-')} {getattr(m, name)}" for name in HF_KEYS)
+
+
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every logical tensor of the model in HuggingFace's order: embedding, layers, norm, head."""
     head = wm.logical_shapes(cfg)
