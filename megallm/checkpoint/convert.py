@@ -1,0 +1,310 @@
+"""Checkpoint conversion: HuggingFace LLaMA <-> megallm, and megallm between layouts.
+
+megallm checkpoints store logical, HuggingFace-named fp32 tensors, one file per layer (see
+megallm/training/checkpoint.py), so every (tp, pp, vpp) layout reads the same files:
+
+    hf -> megallm       rename nothing, split nothing: group the tensors by layer, cast to fp32,
+                        write one layer file at a time; the requested layout is validated and
+                        recorded in meta.json as the intended one.
+    megallm -> hf       read one tensor at a time (each file's sha256 checked first) into
+                        safetensors shards of at most max_shard_size, plus config.json,
+                        generation_config.json and the index transformers' from_pretrained reads.
+    megallm -> megallm  "resharding" is a verified copy of the model files (checksums checked
+                        before and after copying) under a new layout that is validated first: the
+                        files are the same for every layout. Training checkpoints resume at any
+                        layout without it; it exists to check a target layout and to strip the
+                        optimizer off a checkpoint.
+
+Outputs are model-only checkpoints (meta.json without a scheduler: optimizer and schedule start
+fresh on --load) written into iter_N.partial/, renamed, then `latest` is written, as a training
+save does; HuggingFace output is written to OUTPUT.partial/ and renamed. A failure leaves no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megallm import __version__
+from megallm.checkpoint.hf_config import (DTYPES, HF_KEYS, ConversionError, generation_config, hf_config_from_model,
+                                          model_config_from_hf, read_json, token_ids_of)
+from megallm.checkpoint.hf_files import DEFAULT_MAX_SHARD_SIZE, HFWeights, no_progress, stream_groups, write_hf_weights
+from megallm.config import Config, ModelConfig, apply_overrides, validate
+from megallm.model import weight_mapping as wm
+from megallm.training import checkpoint as ckpt_mod
+from megallm.training.checkpoint import FORMAT, LATEST, file_of, iter_dir, read_meta
+
+# Buffers some old transformers versions saved with the weights; recomputed, never loaded.
+IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and layouts
+
+
+def target_config(model: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                  where: str = "", hf_keys: bool = False) -> Config:
+    """The config recorded with a converted checkpoint: the model, the intended layout, and the
+    model's own context length. Raises ConversionError with every layout rule it breaks."""
+    cfg = Config(model=model)
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.parallel.virtual_pipeline_model_parallel_size = vpp
+    if vpp:
+        cfg.parallel.pipeline_schedule = "interleaved_1f1b"
+    cfg.training.seq_length = model.max_position_embeddings
+    errors = validate(cfg)
+    if errors:
+        def hint(error: str) -> str:
+            field = error.split("=", 1)[0]
+            return f" (key '{HF_KEYS[field]}')" if hf_keys and field in HF_KEYS else ""
+
+        raise ConversionError(f"{where}: " + "; ".join(e + hint(e) for e in errors))
+    return cfg
+
+
+def config_from_meta(meta: dict, where: str) -> Config:
+    flat = {name: value for section in meta.get("config", {}).values() for name, value in section.items()}
+    if not flat:
+        raise ConversionError(f"{where}: no 'config' to take the model shape from")
+    return apply_overrides(Config(), flat, where=where)
+
+
+def model_flags(m: ModelConfig) -> str:
+    """The launcher flags that build this model (norm epsilon and RoPE base included: loading
+    cannot catch those, the weights have the same shapes either way)."""
+    return " ".join(f"--{name.replace('_', '-')} {getattr(m, name)}" for name in HF_KEYS)
+
+
+def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every logical tensor of the model in HuggingFace's order: embedding, layers, norm, head."""
+    head = wm.logical_shapes(cfg)
+    shapes = {"model.embed_tokens.weight": head.pop("model.embed_tokens.weight")}
+    for layer in range(cfg.model.num_layers):
+        shapes.update(wm.logical_shapes(cfg, layer))
+    return shapes | head
+
+
+def megallm_files(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, list[str]]]:
+    """[(model/ file name, its tensor names)] in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(file_of(name), []).append(name)
+    return list(groups.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directories: nothing half-written survives a failure
+
+
+def _empty_output(path: Path, allowed_leftovers: tuple[str, ...] = ()) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{path}: exists and is not a directory")
+    if path.is_dir():
+        others = [p.name for p in path.iterdir() if not p.name.endswith(allowed_leftovers)]
+        if others:
+            raise ConversionError(f"{path}: not empty (holds {sorted(others)[0]}, ...); choose a new --output directory")
+
+
+@contextmanager
+def _partial_dir(partial: Path):
+    """A scratch directory removed again if the body fails."""
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted conversion
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+class MegallmWriter:
+    """Writes model/ files into ROOT/iter_N.partial; commit() adds meta.json, renames and writes latest."""
+
+    def __init__(self, root: str | Path, iteration: int):
+        self.root, self.iteration = Path(root), iteration
+        _empty_output(self.root, allowed_leftovers=(".partial",))
+        self.final = iter_dir(self.root, iteration)
+        self.partial = Path(str(self.final) + ".partial")
+        self.files: dict[str, dict] = {}
+
+    def _record(self, fname: str) -> dict:
+        path = self.partial / "model" / fname
+        self.files[f"model/{fname}"] = {"bytes": path.stat().st_size, "sha256": ckpt_mod._sha256(path)}
+        return self.files[f"model/{fname}"]
+
+    def write(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()},
+                  str(self.partial / "model" / fname), metadata={"format": FORMAT})
+        self._record(fname)
+
+    def copy_verified(self, src_ckpt: Path, src_meta: dict, fname: str) -> None:
+        name = f"model/{fname}"
+        ckpt_mod._verify(src_ckpt, src_meta, [name])
+        shutil.copyfile(src_ckpt / name, self.partial / name)
+        if self._record(fname)["sha256"] != src_meta["files"][name]["sha256"]:
+            raise ConversionError(f"{self.partial / name}: checksum differs from {src_ckpt / name} after copying")
+
+    def commit(self, cfg: Config, extra: dict) -> Path:
+        p = cfg.parallel
+        meta = {"format": FORMAT, "megallm_version": __version__, "iteration": self.iteration,
+                "config": cfg.to_dict(),
+                "layout": {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+                           "vpp": p.virtual_pipeline_model_parallel_size, "dp": None, "world_size": None,
+                           "use_distributed_optimizer": False, "intended": True},
+                **extra, "files": self.files}
+        (self.partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(self.partial, self.final)
+        ckpt_mod._write_atomic(self.root / LATEST, str(self.iteration))
+        return self.final
+
+    @contextmanager
+    def open(self):
+        with _partial_dir(self.partial):
+            (self.partial / "model").mkdir()
+            yield self
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading megallm checkpoints
+
+
+def resolve_megallm(path: str | Path) -> Path:
+    """An iter_N directory as given, or the `latest` one of a run directory."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    if (path / LATEST).exists():
+        text = (path / LATEST).read_text().strip()
+        if not text.isdigit():
+            raise ConversionError(f"{path / LATEST}: {text!r} is not an iteration number")
+        return iter_dir(path, int(text))
+    raise ConversionError(f"{path}: neither a megallm checkpoint (no meta.json) nor a run directory (no {LATEST})")
+
+
+class MegallmReader:
+    """Logical tensors of a megallm checkpoint, one model/ file open at a time, each file's size
+    and sha256 checked before it is read."""
+
+    def __init__(self, ckpt: Path, meta: dict):
+        self.ckpt, self.meta = ckpt, meta
+        self._fname, self._file = None, None
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Names and shapes of every file against the model config, from headers only."""
+        for fname, names in megallm_files(shapes):
+            path = self.ckpt / "model" / fname
+            if f"model/{fname}" not in self.meta["files"] or not path.exists():
+                raise ConversionError(f"{path}: missing")
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise ConversionError(f"{path}: no tensor '{name}'")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != shapes[name]:
+                        raise ConversionError(f"{path}: '{name}' has shape {shape}, the config in meta.json "
+                                              f"says {shapes[name]}")
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = file_of(name)
+        if fname != self._fname:
+            ckpt_mod._verify(self.ckpt, self.meta, [f"model/{fname}"])
+            self._fname, self._file = fname, safe_open(str(self.ckpt / "model" / fname), framework="pt")
+        return self._file.get_tensor(name)
+
+
+def _open_megallm(src: str | Path) -> tuple[Path, dict, Config]:
+    ckpt = resolve_megallm(src)
+    meta = read_meta(ckpt)
+    return ckpt, meta, config_from_meta(meta, str(ckpt / "meta.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The three conversions
+
+
+def check_hf_weights(weights: HFWeights, shapes: dict[str, tuple[int, ...]], config_path: Path) -> None:
+    """Every tensor the model needs, with its shape, and nothing it would silently drop."""
+    found = weights.shapes()
+    for name, shape in shapes.items():
+        if name not in found:
+            raise ConversionError(f"{weights.index_path}: no tensor '{name}' (every LLaMA layer needs it)")
+        if found[name] != shape:
+            raise ConversionError(f"{weights.file_of(name)}: '{name}' has shape {found[name]}, {config_path.name} "
+                                  f"implies {shape}")
+    for name in found:
+        if name not in shapes and not IGNORED_HF_TENSORS.fullmatch(name):
+            raise ConversionError(f"{weights.file_of(name)}: tensor '{name}' is not part of the LLaMA model "
+                                  "megallm builds (biases, extra heads and tied weights are not supported)")
+
+
+def hf_to_megallm(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                  progress=no_progress) -> Path:
+    """HuggingFace LLaMA directory -> model-only megallm checkpoint at iteration 0. Returns its iter dir."""
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.exists() and ((src / "meta.json").exists() or (src / LATEST).exists()):
+        raise ConversionError(f"{src}: a megallm checkpoint, not a HuggingFace directory (use --from megallm)")
+    hf = read_json(config_path)
+    cfg = target_config(model_config_from_hf(hf, str(config_path)), tp, pp, vpp, str(config_path), hf_keys=True)
+    shapes = expected_shapes(cfg)
+    weights = HFWeights(src)
+    check_hf_weights(weights, shapes, config_path)
+    weights.expect(shapes)
+    writer = MegallmWriter(dst, iteration=0)
+    with writer.open():
+        stream_groups(megallm_files(shapes), weights.get, writer.write, progress, desc="hf -> megallm")
+        return writer.commit(cfg, {"converted_from": {"format": "huggingface", "path": str(src.resolve())},
+                                   "hf_token_ids": token_ids_of(hf)})
+
+
+def megallm_to_hf(src: str | Path, dst: str | Path, dtype: str = "fp32",
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, progress=no_progress) -> Path:
+    """megallm checkpoint (a run directory's latest, or an iter_N directory) -> HuggingFace directory."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    ckpt, meta, cfg = _open_megallm(src)
+    dst = Path(dst)
+    _empty_output(dst)
+    hf_config = hf_config_from_model(cfg.model, dtype, meta.get("hf_token_ids"))
+    shapes = expected_shapes(cfg)
+    reader = MegallmReader(ckpt, meta)
+    reader.check_shapes(shapes)
+    with _partial_dir(dst.with_name(dst.name + ".partial")) as partial:
+        write_hf_weights(partial, shapes, reader.get, TORCH_DTYPES[dtype], max_shard_size, progress)
+        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        gen = generation_config(meta.get("hf_token_ids"))
+        (partial / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(partial, dst)
+    return dst
+
+
+def reshard(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+            progress=no_progress) -> Path:
+    """megallm -> megallm at another (validated) layout: a checksum-verified copy of the model
+    files, keeping the source's iteration (the launcher's --keep-iteration decides whether
+    training continues its numbering). Optimizer state is not carried over."""
+    ckpt, meta, source_cfg = _open_megallm(src)
+    cfg = target_config(source_cfg.model, tp, pp, vpp, str(ckpt / "meta.json"))
+    shapes = expected_shapes(cfg)
+    MegallmReader(ckpt, meta).check_shapes(shapes)
+    writer = MegallmWriter(dst, iteration=int(meta.get("iteration", 0)))
+    with writer.open():
+        for fname, _ in progress(megallm_files(shapes), desc="megallm -> megallm", unit="file"):
+            writer.copy_verified(ckpt, meta, fname)
+        extra = {"converted_from": {"format": "megallm", "path": str(ckpt.resolve()), "layout": meta.get("layout")}}
+        if meta.get("hf_token_ids"):
+            extra["hf_token_ids"] = meta["hf_token_ids"]
+        return writer.commit(cfg, extra)
