@@ -4,6 +4,10 @@
                                       only that rank sees) at iteration I, or whenever its global
                                       batch holds stream position S (a "bad sample" that follows the
                                       data through rollbacks and resumes)
+    MEGALLM_PLANT_JUNK="A-B,..."      replace the tokens of dataset samples A..B-1 (as the sampler reads
+                                      them) with uniformly random ids, seeded by the sample index, so
+                                      every rank plants the same junk: a bad data block that fills
+                                      whole batches, which the corpus' own shuffling never produces
     MEGALLM_CRASH_IN_SAVE="I"         rank 0 dies (os._exit) while writing checkpoint I, after the
                                       files are written and before the directory is renamed
     MEGALLM_HANG="R:I:MARKER"         rank R stops responding at iteration I (sleeps) unless MARKER
@@ -36,6 +40,18 @@ def maybe_poison_gradients(params, iteration: int, consumed_before: int, global_
                 if p.grad is not None:
                     p.grad.view(-1)[0] = float("nan")
                     return
+
+
+def maybe_plant_junk(tokens: torch.Tensor, labels: torch.Tensor, samples, vocab_size: int):
+    ranges = [tuple(int(v) for v in item.split("-")) for item in os.environ.get("MEGALLM_PLANT_JUNK", "").split(",") if item]
+    if not ranges:
+        return tokens, labels
+    for row, sample in enumerate(int(s) for s in samples):
+        if any(a <= sample < b for a, b in ranges):
+            g = torch.Generator().manual_seed(sample)
+            junk = torch.randint(0, vocab_size, (tokens.shape[1] + 1,), generator=g)
+            tokens[row], labels[row] = junk[:-1], junk[1:]
+    return tokens, labels
 
 
 def maybe_crash_in_save(iteration: int) -> None:

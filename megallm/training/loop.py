@@ -121,6 +121,8 @@ class Trainer:
             idx = sampler.micro_batch_indices(consumed_samples, t.micro_batch_size, dp_rank, dp_size, m,
                                               exclude=self.exclude)
             x, y = sampler.get_micro_batch(dataset, idx)
+            if dataset is self.train_ds:
+                x, y = faults.maybe_plant_junk(x, y, idx, self.cfg.model.vocab_size)
             tokens.append(x)
             labels.append(y)
         return torch.cat(tokens).to(self.device), torch.cat(labels).to(self.device)
