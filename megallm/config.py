@@ -105,7 +105,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: int = 0
     save_keep: int = 0  # 0 keeps all
-    keep_iteration: bool = True
+    keep_iteration: bool = False  # a model-only (converted) checkpoint starts at iteration 0
 
 
 @dataclass

@@ -67,14 +67,15 @@ class StandInGroup:
 def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[LlamaChunk]:
     """One pipeline rank's chunks with no memory behind them. Megatron's layers read group sizes
     only once torch.distributed is up, so a world of one is made if none exists."""
-    import os
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29499")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        import socket
+
+        with socket.socket() as sock:  # any free port: a fixed one collides with a running job
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     group = StandInGroup(cfg.parallel.tensor_model_parallel_size, tp_rank)
     with torch.device("meta"):
         return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)

@@ -368,6 +368,16 @@ def _load_from(tr, ckpt: Path, load_optimizer: bool = True) -> dict:
     return meta
 
 
+def _warn_model_differences(meta: dict, cfg, ckpt: Path) -> None:
+    """Shapes are checked tensor by tensor; settings without a shape (rotary base, norm epsilon)
+    would load silently into a different model."""
+    saved = meta.get("config", {}).get("model", {})
+    now = cfg.to_dict()["model"]
+    diffs = [f"{k}: checkpoint {saved[k]!r}, run {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if diffs and dist.get_rank() == 0:
+        print(f" warning: {ckpt} was saved with a different model config: " + "; ".join(diffs), flush=True)
+
+
 def _tensor(tensors: dict, name: str, ckpt: Path) -> torch.Tensor:
     if name not in tensors:
         raise CheckpointError(f"{ckpt / 'model' / file_of(name)}: no tensor '{name}'")
@@ -439,7 +449,8 @@ def load(tr, path: str | Path, before_iteration: Optional[int] = None) -> Option
         if not any_rank(error is not None, tr.device):
             same_layout = meta.get("layout", {}).get("world_size") == dist.get_world_size()
             _apply_meta(tr, meta)
-            if not same_layout and dist.get_rank() == 0:
+            _warn_model_differences(meta, tr.cfg, ckpt)
+            if not same_layout and not is_model_only(meta) and dist.get_rank() == 0:
                 print(f" note: {ckpt} was written by {meta['layout']}; RNG states are restored per rank only "
                       "where the rank existed", flush=True)
             if errors and dist.get_rank() == 0:
