@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Timing:
-    reps: int        # most timed repetitions after the warmup
-    budget_s: float  # time the repetitions of one measurement may take
-    best: bool       # keep the fastest repetition (shared CPU box) instead of the median
+from megallm.preflight.profiles import Timing
 
 
 def _sync(device: torch.device) -> None:

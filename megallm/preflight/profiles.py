@@ -16,9 +16,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megallm.preflight.measure import Timing
 
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How measure.py repeats a measurement (see there)."""
+    reps: int        # most timed repetitions after the warmup
+    budget_s: float  # time the repetitions of one measurement may take
+    best: bool       # keep the fastest repetition (shared CPU box) instead of the median
 
 
 @dataclass(frozen=True)
