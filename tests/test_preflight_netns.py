@@ -4,7 +4,7 @@ bridge, two gloo processes each, every node launched as `make preflight` launche
 the right node named:
   (a) a node never starts          (b) a node's link is slowed with tc tbf
   (c) a node runs another version  (d) the dataset is missing on a node
-  (e) a node's cores are busy
+  (e) a node's cores are busy (three busy loops on its core)
 Each node also gets its own hostname (UTS namespace) and, for (d), its own mount namespace.
 
 Needs root, `ip` and `tc` (iproute2), `unshare` and `taskset` (util-linux); skips otherwise.
@@ -242,9 +242,9 @@ def test_version_mismatch_and_missing_data_named(cluster, run_config):
 
 
 def test_busy_node_is_a_compute_straggler(cluster, run_config):
-    # node 2 and two busy loops share core 1; nodes 0 and 1 have core 0 to themselves
+    # node 2 and three busy loops share core 1 (a competing job); nodes 0 and 1 have core 0
     hogs = [subprocess.Popen(["taskset", "-c", "1", "sh", "-c", f"echo {NICE} > /proc/self/autogroup; while :; do :; done"],
-                             start_new_session=True) for _ in range(2)]
+                             start_new_session=True) for _ in range(3)]
     try:
         doc, procs, _ = _preflight(cluster, run_config, "busy", cpus={0: "0", 1: "0", 2: "1"})
     finally:

@@ -255,9 +255,9 @@ def check_gpu_health(health: dict[int, Optional[list[dict]]]) -> list[Result]:
 
 
 def check_per_rank(check: str, values: dict[int, object], node_of: dict[int, int], floor: Optional[float],
-                   unit: str) -> list[Result]:
+                   unit: str, rel: float = 0.1) -> list[Result]:
     """A per-rank throughput (GEMM, host-to-device copy): floor and stragglers, one Result per node."""
-    return _per_node(check, values, node_of.__getitem__, floor, unit, lambda r: f"rank {r}")
+    return _per_node(check, values, node_of.__getitem__, floor, unit, lambda r: f"rank {r}", rel=rel)
 
 
 def check_groups(kind: str, groups: list[dict], node_of: dict[int, int], intra_floor: float,
@@ -468,10 +468,10 @@ def evaluate(m: dict, profile) -> list[Result]:
         if on_gpu:
             results += check_device_memory({r: v["free_bytes"] for r, v in ranks.items()}, node_of, m.get("need_bytes"))
         results += check_per_rank("compute.gemm", {r: v["gemm_tflops"] for r, v in ranks.items()}, node_of,
-                                  profile.gemm_tflops, "TFLOP/s")
+                                  profile.gemm_tflops, "TFLOP/s", profile.compute_outlier_fraction)
         if on_gpu:
             results += check_per_rank("h2d.copy", {r: v["h2d_gbps"] for r, v in ranks.items()}, node_of,
-                                      profile.h2d_gbps, "GB/s")
+                                      profile.h2d_gbps, "GB/s", profile.compute_outlier_fraction)
         for kind in ("tp", "dp", "world"):
             groups = m["groups"].get(kind, [])
             if groups:

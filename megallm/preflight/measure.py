@@ -1,9 +1,10 @@
 """Timed measurements on this rank: GEMM, host-to-device copy, all-reduce, send/recv.
 
 Each runs one warmup (allocation, kernel selection, connection setup), then up to `reps` timed
-repetitions, fewer when the warmup says they would not fit in `budget_s`: a 100 Mbit/s link then
-costs one repetition, not ten. Both ends of a transfer must repeat it equally often, so the count is
-agreed on (max of warmup times over an all-reduce group, the receiver's choice for a send/recv pair).
+repetitions within `budget_s`: a 100 Mbit/s link costs its warmup alone, not twenty repetitions. The GEMM is
+timed in turns (class Gemm); a local copy repeats until the budget is spent; both ends of a transfer must repeat it
+equally often, so there the count comes from the warmup and is agreed on (the max of warmup times
+over an all-reduce group, the receiver's choice for a send/recv pair).
 The result is the median repetition (best=False): robust to one preempted repetition and honest
 about sustained speed; on a CPU box shared with other work (best=True, the cpu profile) other
 processes can only add time, so the fastest repetition is the closest to the rank's own speed.
@@ -35,36 +36,54 @@ def _clock(step: Callable[[], None], device: torch.device) -> float:
 
 
 def reps_for(warmup_s: float, timing: Timing) -> int:
-    return max(1, min(timing.reps, int(timing.budget_s / max(warmup_s, 1e-9))))
+    """Timed repetitions that fit the budget; 0 when the warmup alone overran it, and then the
+    warmup is the measurement (a 100 Mbit/s link is no faster the second time)."""
+    return min(timing.reps, int(timing.budget_s / max(warmup_s, 1e-9)))
+
+
+def repeat_for_budget(step: Callable[[], None], device: torch.device, timing: Timing, least: int = 3) -> list[float]:
+    """Times of step() after a warmup, repeated until the budget is spent (at least `least`, at most
+    timing.reps times). For a measurement no other rank takes part in (a copy): nothing to agree on,
+    and a warmup slowed by a burst of outside load does not cut the repetitions short."""
+    _clock(step, device)
+    times, start = [], time.perf_counter()
+    while len(times) < timing.reps and (len(times) < least or time.perf_counter() - start < timing.budget_s):
+        times.append(_clock(step, device))
+    return times
 
 
 def pick(times: list[float], timing: Timing) -> float:
     return min(times) if timing.best else statistics.median(times)
 
 
-def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int, timing: Timing) -> float:
-    """Dense n x n x n GEMM throughput: 2 n^3 FLOPs per product."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    step = lambda: torch.matmul(a, b, out=c)  # noqa: E731
-    if device.type == "cuda":
-        # Events time the kernels alone, without the launch gaps of a synchronising loop; a few
-        # warmups let cuBLAS settle on its kernel and the clocks ramp up.
-        for _ in range(3):
-            step()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(timing.reps)]
+class Gemm:
+    """A dense n x n x n GEMM (2 n^3 FLOPs), allocated and warmed up once, then timed in turns:
+    on a shared CPU box many short turns spread over seconds, so one burst of outside load cannot
+    cover them all; on a GPU one turn, as training runs."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int):
+        self.device, self.flops = device, 2 * n**3
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
+        self.b = torch.randn(n, n, device=device, dtype=dtype)
+        self.c = torch.empty(n, n, device=device, dtype=dtype)
+        for _ in range(3 if device.type == "cuda" else 1):  # cuBLAS picks its kernel, clocks ramp up
+            self.step()
+        _sync(device)
+
+    def step(self) -> None:
+        torch.matmul(self.a, self.b, out=self.c)
+
+    def seconds(self, reps: int) -> list[float]:
+        if self.device.type != "cuda":
+            return [_clock(self.step, self.device) for _ in range(reps)]
+        # Events time the kernels alone, without the launch gaps of a synchronising loop.
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             start.record()
-            step()
+            self.step()
             end.record()
-        torch.cuda.synchronize(device)
-        seconds = pick([s.elapsed_time(e) / 1e3 for s, e in events], timing)
-    else:
-        reps = reps_for(_clock(step, device), timing)
-        seconds = pick([_clock(step, device) for _ in range(reps)], timing)
-    return 2 * n**3 / seconds / 1e12
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) / 1e3 for s, e in events]
 
 
 def h2d_gbps(device: torch.device, nbytes: int, timing: Timing) -> float:
@@ -72,8 +91,7 @@ def h2d_gbps(device: torch.device, nbytes: int, timing: Timing) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     step = lambda: dst.copy_(src, non_blocking=True)  # noqa: E731
-    reps = reps_for(_clock(step, device), timing)
-    return nbytes / pick([_clock(step, device) for _ in range(reps)], timing) / 1e9
+    return nbytes / pick(repeat_for_budget(step, device, timing), timing) / 1e9
 
 
 def allreduce_busbw(group, group_size: int, nbytes: int, device: torch.device, timing: Timing) -> float:
@@ -84,7 +102,7 @@ def allreduce_busbw(group, group_size: int, nbytes: int, device: torch.device, t
     warm = torch.tensor([_clock(step, device)], dtype=torch.float64, device=device)
     dist.all_reduce(warm, op=dist.ReduceOp.MAX, group=group)  # every member repeats equally often
     reps = reps_for(warm.item(), timing)
-    seconds = pick([_clock(step, device) for _ in range(reps)], timing)
+    seconds = pick([_clock(step, device) for _ in range(reps)] or [warm.item()], timing)
     return nbytes / seconds * 2 * (group_size - 1) / group_size / 1e9
 
 
@@ -118,4 +136,4 @@ def p2p_gbps(round_links: list[tuple[int, int]], rank: int, nbytes: int, device:
         elapsed = _clock(lambda: _exchange(active_sends, active_recvs, out, into), device)
         if active_recvs:
             times.append(elapsed)
-    return {(src, rank): nbytes / pick(times, timing) / 1e9 for src in recvs}
+    return {(src, rank): nbytes / pick(times or [warm], timing) / 1e9 for src in recvs}

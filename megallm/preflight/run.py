@@ -13,6 +13,7 @@ and pass --nnodes/--node-rank/--master-addr to the module, so a missing node is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -60,6 +61,7 @@ class Where:
     local_world: int
     master_addr: str
     port: int
+    cores: int  # the node's cores as launched, before a rank pins itself to its share
 
     @property
     def host(self) -> bool:
@@ -73,7 +75,7 @@ def where_am_i(args: argparse.Namespace, env=os.environ) -> Where:
     node = args.node_rank if args.node_rank is not None else int(env.get("GROUP_RANK", 0))
     port = args.master_port or int(env.get("MASTER_PORT", 29510)) + 1
     return Where(node, nnodes, int(env.get("LOCAL_RANK", 0)), local_world,
-                 args.master_addr or env.get("MASTER_ADDR", "127.0.0.1"), port)
+                 args.master_addr or env.get("MASTER_ADDR", "127.0.0.1"), port, facts.cpu_cores())
 
 
 def expected_hosts(spec: Optional[str]) -> Optional[list[str]]:
@@ -106,12 +108,26 @@ def memory_need(cfg, world: int, args) -> tuple[Optional[int], str]:
 def pin_to_share(local_rank: int, local_world: int) -> None:
     """On CPU, run each rank on its own share of the node's cores, as a pinned CPU training rank
     runs: measured on a floating share, two ranks of a group land on one core now and then and
-    halve their bandwidth, which reads as a straggler."""
+    halve their bandwidth, which reads as a straggler. (Threads made later, gloo's, inherit it.)"""
     cores = sorted(os.sched_getaffinity(0))
     share = len(cores) // local_world
     if share >= 1:
         os.sched_setaffinity(0, cores[local_rank * share:(local_rank + 1) * share])
     torch.set_num_threads(max(1, share))
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: Optional[set[int]]):
+    """Run this thread on cpus (None: leave it) for the block, then return to its own share."""
+    if cpus is None:
+        yield
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def in_turns(batches: list[list], mine: Callable[[object], bool], fn: Callable[[object], object]) -> list:
@@ -137,33 +153,42 @@ def _best(values: list) -> object:
     return max(numbers) if numbers else values[0]
 
 
-def measure_rank(lay: layout_mod.Layout, rank: int, world: int, device: torch.device, profile) -> dict:
+def measure_rank(lay: layout_mod.Layout, rank: int, world: int, device: torch.device, profile,
+                 launch_cpus: Optional[set[int]] = None) -> dict:
     """This rank's part of the compute and communication measurements (all ranks call this).
 
-    Serial (CPU): one rank, group or link at a time, the whole sequence three times over, keeping
-    each one's best: a burst of outside load then costs one turn, not one rank its verdict."""
+    Serial (CPU): one rank, group or link at a time, the whole sequence several times over (the
+    profile's rounds), keeping each one's best: a burst of outside load then costs one turn, not one
+    rank its verdict. The GEMM, alone on the node in its turn, may use any core the node was
+    launched with (launch_cpus): pinned, a burst of outside work on one core would read as a slow
+    local rank on every node."""
     serial, nbytes, timing = profile.serial, profile.message_bytes, profile.timing
-    rounds = 3 if serial else 1
     mine: dict = {"rank": {}, "groups": [], "links": []}
     if device.type == "cuda":
         mine["rank"]["free_bytes"] = _safe(lambda: torch.cuda.mem_get_info(device)[0])
         mine["rank"]["h2d_gbps"] = _safe(lambda: measure.h2d_gbps(device, nbytes, timing))
-    gemm = lambda _: _safe(lambda: measure.gemm_tflops(device, getattr(torch, profile.gemm_dtype),  # noqa: E731
-                                                       profile.gemm_size, timing))
+    gemm = _safe(lambda: measure.Gemm(device, getattr(torch, profile.gemm_dtype), profile.gemm_size))
+
+    def gemm_turn(_) -> list:
+        with on_cpus(launch_cpus if serial else None):
+            return _safe(lambda: gemm.seconds(profile.gemm_turn_reps)) if isinstance(gemm, measure.Gemm) else gemm
+
     turns = [[r] for r in range(world)] if serial else [list(range(world))]
-    mine["rank"]["gemm_tflops"] = _best(in_turns(turns * rounds, lambda r: r == rank, gemm))
+    samples = in_turns(turns * profile.gemm_rounds, lambda r: r == rank, gemm_turn)
+    seconds = [t for turn in samples if isinstance(turn, list) for t in turn]
+    mine["rank"]["gemm_tflops"] = gemm.flops / measure.pick(seconds, timing) / 1e12 if seconds else samples[0]
     groups = {"tp": [g for g in lay.tp_groups if len(g) > 1], "dp": [g for g in lay.dp_groups if len(g) > 1],
               "world": [list(range(world))] if world > 1 else []}
     handles = {kind: {tuple(g): dist.new_group(g) if kind != "world" else None for g in gs}
                for kind, gs in groups.items()}
     for kind, gs in groups.items():
         turns = [[g] for g in gs] if serial else [gs]
-        busbw = in_turns(turns * rounds, lambda g: rank in g, lambda g: measure.allreduce_busbw(
+        busbw = in_turns(turns * profile.comm_rounds, lambda g: rank in g, lambda g: measure.allreduce_busbw(
             handles[kind][tuple(g)], len(g), nbytes, device, timing))
         mine["groups"] += [{"kind": kind, "ranks": g, "gbps": _best(busbw)} for g in gs if rank in g]
     turns = [[rnd] for rnd in layout_mod.link_rounds(lay.links, serial)]
     links: dict[tuple[int, int], list] = {}
-    for got in in_turns(turns * rounds, lambda rnd: any(rank in link for link in rnd),
+    for got in in_turns(turns * profile.comm_rounds, lambda rnd: any(rank in link for link in rnd),
                         lambda rnd: measure.p2p_gbps(rnd, rank, nbytes, device, timing)):
         for link, gbps in got.items():
             links.setdefault(link, []).append(gbps)
@@ -191,6 +216,81 @@ def _say(where: Where, message: str) -> None:
         print(f"preflight node {where.node}: {message}", flush=True)
 
 
+def register(store, where: Where, timeout: float, started: float, listener) -> dict:
+    """Post this node's facts (local rank 0); node 0 publishes the roster at the deadline; every
+    process returns it. Raises TimeoutError when no roster comes (node 0 gone)."""
+    if listener:
+        node_facts = facts.host_facts(where.cores) | {
+            "nproc": where.local_world, "versions": facts.versions(), "gpu_health": facts.gpu_health(),
+            "addr": rendezvous.own_address(where.master_addr, where.port), "port": listener.port}
+        rendezvous.post(store, f"node/{where.node}", node_facts)
+    if where.host:
+        roster = rendezvous.collect_roster(store, where.nnodes, started + timeout, started)
+        missing = sorted(set(range(where.nnodes)) - set(roster["present"]))
+        print(f"preflight: {len(roster['present'])}/{where.nnodes} node(s) joined"
+              + (f"; missing node(s) {missing}" if missing else ""), flush=True)
+    return rendezvous.wait_for(store, "roster", timeout + 30)
+
+
+def reachability(store, where: Where, roster: dict, lay: layout_mod.Layout, node_of: dict, listener,
+                 timeout: float) -> dict:
+    """Each node connects to node 0 and its link partners; node 0 decides whether the process group
+    can be built ('skipped' says why not). Returns {'reach', 'skipped'} on every process."""
+    if listener:
+        partners = {node_of[r] for link in lay.links for r in link if where.node in (node_of[link[0]], node_of[link[1]])}
+        peers = {k: (roster["nodes"][str(k)]["addr"], roster["nodes"][str(k)]["port"])
+                 for k in (partners | {roster["present"][0]}) - {where.node}}
+        rendezvous.post(store, f"reach/{where.node}", rendezvous.probe_peers(peers, min(10.0, timeout)))
+    if where.host:
+        found = rendezvous.wait_for_all(store, [f"reach/{k}" for k in roster["present"]], time.monotonic() + 20)
+        reach = {k: found[f"reach/{k}"][0] if f"reach/{k}" in found else {"0": "no report"} for k in roster["present"]}
+        unreachable = [f"node {k} cannot reach node {p}" for k, ps in reach.items() for p, v in ps.items()
+                       if not isinstance(v, (int, float))]
+        rendezvous.post(store, "go", {"reach": {str(k): v for k, v in reach.items()},
+                                      "skipped": "; ".join(unreachable) or None})
+    return rendezvous.wait_for(store, "go", timeout + 30)
+
+
+def measure_and_post(store, lay: layout_mod.Layout, rank: int, world: int, device: torch.device, profile,
+                     timeout: float, launch_cpus: Optional[set[int]]) -> None:
+    """Build the process group from the registration store, measure, post. A failure (a collective
+    timing out because a peer died) is posted too, so node 0 still reports."""
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("pg", store),
+                                rank=rank, world_size=world, timeout=timedelta(seconds=timeout),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        mine = measure_rank(lay, rank, world, device, profile, launch_cpus)
+    except Exception as e:
+        why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        mine = {"rank": {k: why for k in ("gemm_tflops", "h2d_gbps", "free_bytes")}, "groups": [], "links": []}
+    rendezvous.post(store, f"meas/{rank}", mine)
+
+
+def judge_and_report(store, args, where: Where, m: dict, profile, lay: layout_mod.Layout, started: float) -> bool:
+    """Node 0: gather what the nodes and ranks posted into m, judge, print, write the files."""
+    world, present = len(m["node_of_rank"]), sorted(m["nodes"])
+    deadline = time.monotonic() + args.timeout
+    stores = rendezvous.wait_for_all(store, [f"storage/{k}" for k in present], deadline)
+    m["storage"] = {k: stores[f"storage/{k}"][0] if f"storage/{k}" in stores else {"error": "no report"}
+                    for k in present}
+    posts = {} if m["skipped"] else rendezvous.wait_for_all(store, [f"meas/{r}" for r in range(world)], deadline)
+    m["ranks"], m["groups"], m["links"] = merge_rank_reports(
+        {int(k.split("/")[1]): v for k, (v, _) in posts.items()}, world, lay)
+    results = checks.evaluate(m, profile)
+    m["seconds"] = round(time.monotonic() - started, 2)
+    hosts = m["expected_hosts"]
+    names = {k: m["nodes"][k]["hostname"] if k in m["nodes"] else (hosts[k] if hosts and k < len(hosts) else "?")
+             for k in range(where.nnodes)}
+    notes = lay.notes + [n for n in (m["profile_note"], f"profile {profile.name}; memory need: {m['need_source']}",
+                                     f"finished in {m['seconds']} s") if n]
+    report.print_report(results, names, notes)
+    if args.json_out:
+        report.write_json(args.json_out, m, results)
+    if args.hosts_out:
+        report.write_hosts(args.hosts_out, results, names)
+    return checks.passed(results)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     where = where_am_i(args)
@@ -204,8 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"preflight: {e}", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available()
-    node_cores = facts.cpu_cores()
     device = torch.device("cuda", where.local_rank) if cuda else torch.device("cpu")
+    launch_cpus = None if cuda else os.sched_getaffinity(0)
     if cuda:
         torch.cuda.set_device(device)
     else:
@@ -217,25 +317,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if where.host:
         print(f"preflight: waiting up to {args.timeout:.0f} s for {where.nnodes} node(s) at "
               f"{where.master_addr}:{where.port}", flush=True)
+    listener = None
     try:
         store = rendezvous.connect(where.master_addr, where.port, where.host, args.timeout)
-    except rendezvous.MasterUnreachable as e:
-        _say(where, f"FAIL rendezvous: {e}")
-        return 1
-    listener = rendezvous.Listener() if where.local_rank == 0 else None
-    if listener:
-        node_facts = facts.host_facts(node_cores) | {
-            "nproc": where.local_world, "versions": facts.versions(), "gpu_health": facts.gpu_health(),
-            "addr": rendezvous.own_address(where.master_addr, where.port), "port": listener.port}
-        rendezvous.post(store, f"node/{where.node}", node_facts)
-    if where.host:
-        roster = rendezvous.collect_roster(store, where.nnodes, started + args.timeout, started)
-        missing = sorted(set(range(where.nnodes)) - set(roster["present"]))
-        print(f"preflight: {len(roster['present'])}/{where.nnodes} node(s) joined"
-              + (f"; missing node(s) {missing}" if missing else ""), flush=True)
-    try:
-        roster = rendezvous.wait_for(store, "roster", args.timeout + 30)
-    except TimeoutError as e:
+        listener = rendezvous.Listener() if where.local_rank == 0 else None
+        roster = register(store, where, args.timeout, started, listener)
+    except (rendezvous.MasterUnreachable, TimeoutError) as e:
         _say(where, f"FAIL rendezvous: {e}")
         return 1
     if where.node not in roster["present"]:
@@ -247,59 +334,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     tp_pp = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) if cfg else (None, None)
     lay = layout_mod.plan_layout(sizes, *tp_pp)
 
-    # 2. TCP reachability of node 0 and of this node's link partners, before any full-mesh connect.
-    if listener:
-        partners = {node_of[r] for link in lay.links for r in link if where.node in (node_of[link[0]], node_of[link[1]])}
-        peers = {k: (roster["nodes"][str(k)]["addr"], roster["nodes"][str(k)]["port"])
-                 for k in (partners | {roster["present"][0]}) - {where.node}}
-        rendezvous.post(store, f"reach/{where.node}", rendezvous.probe_peers(peers, min(10.0, args.timeout)))
-    if where.host:
-        found = rendezvous.wait_for_all(store, [f"reach/{k}" for k in roster["present"]], time.monotonic() + 20)
-        reach = {k: found[f"reach/{k}"][0] if f"reach/{k}" in found else {"0": "no report"} for k in roster["present"]}
-        unreachable = [f"node {k} cannot reach node {p}" for k, ps in reach.items() for p, v in ps.items()
-                       if not isinstance(v, (int, float))]
-        rendezvous.post(store, "go", {"reach": {str(k): v for k, v in reach.items()},
-                                      "skipped": "; ".join(unreachable) or None})
-    go = rendezvous.wait_for(store, "go", args.timeout + 30)
-
-    # 3. Storage (node-level), then the process group and the measurements.
+    # 2. Reachability, before any full-mesh connect. 3. Storage per node, then the measurements.
+    go = reachability(store, where, roster, lay, node_of, listener, args.timeout)
     if listener:
         read_mib = args.read_mib or (1024 if cuda else 64)
         rendezvous.post(store, f"storage/{where.node}", storage.storage_facts(
             cfg, args.require_mount, where.local_world / world, read_mib << 20))
     if not go["skipped"]:
-        backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
-                                timeout=timedelta(seconds=args.timeout), **({"device_id": device} if cuda else {}))
-        rendezvous.post(store, f"meas/{rank}", measure_rank(lay, rank, world, device, profile))
+        measure_and_post(store, lay, rank, world, device, profile, args.timeout, launch_cpus)
 
-    # 4. Judge and report on the host; everyone exits with the verdict.
+    # 4. Node 0 judges and reports; everyone exits with the verdict.
     if where.host:
-        deadline = time.monotonic() + args.timeout
-        stores = rendezvous.wait_for_all(store, [f"storage/{k}" for k in roster["present"]], deadline)
-        posts = {} if go["skipped"] else rendezvous.wait_for_all(store, [f"meas/{r}" for r in range(world)], deadline)
-        ranks, groups, links = merge_rank_reports({int(k.split("/")[1]): v for k, (v, _) in posts.items()}, world, lay)
         need, need_source = memory_need(cfg, world, args)
         m = {"nnodes": where.nnodes, "timeout_s": args.timeout, "expected_hosts": hosts,
              "profile": profile.to_dict(), "profile_note": profile_note, "need_bytes": need, "need_source": need_source,
              "nodes": {int(k): v for k, v in roster["nodes"].items()},
              "reach": {int(k): {int(p): v for p, v in peers.items()} for k, peers in go["reach"].items()},
-             "storage": {k: stores[f"storage/{k}"][0] if f"storage/{k}" in stores else {"error": "no report"}
-                         for k in roster["present"]},
-             "layout": lay.to_dict(), "node_of_rank": node_of, "ranks": ranks, "groups": groups, "links": links,
-             "skipped": go["skipped"]}
-        results = checks.evaluate(m, profile)
-        m["seconds"] = round(time.monotonic() - started, 2)
-        names = {k: (m["nodes"][k]["hostname"] if k in m["nodes"] else (hosts[k] if hosts and k < len(hosts) else "?"))
-                 for k in range(where.nnodes)}
-        notes = lay.notes + [n for n in (profile_note, f"profile {profile.name}; memory need: {need_source}",
-                                         f"finished in {m['seconds']} s") if n]
-        report.print_report(results, names, notes)
-        if args.json_out:
-            report.write_json(args.json_out, m, results)
-        if args.hosts_out:
-            report.write_hosts(args.hosts_out, results, names)
-        rendezvous.post(store, "verdict", {"passed": checks.passed(results)})
+             "layout": lay.to_dict(), "node_of_rank": node_of, "skipped": go["skipped"]}
+        rendezvous.post(store, "verdict", {"passed": judge_and_report(store, args, where, m, profile, lay, started)})
     try:
         verdict = rendezvous.wait_for(store, "verdict", 2 * args.timeout + 60)
     except TimeoutError as e:
@@ -309,8 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rendezvous.wait_done(store, world - 1, 10)
     else:
         store.add("done", 1)
-        if where.local_rank == 0:
-            _say(where, f"{'PASS' if verdict['passed'] else 'FAIL'} (the report is on node 0)")
+        _say(where, f"{'PASS' if verdict['passed'] else 'FAIL'} (the report is on node 0)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0 if verdict["passed"] else 1
