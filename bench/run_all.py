@@ -49,21 +49,16 @@ def fmt(x: float, digits: int = 0) -> str:
 # Sections: each measures, then renders its markdown
 
 
-def tiny_config(overrides: dict | None = None):
-    from megallm.config import apply_overrides, load_yaml
-
-    return apply_overrides(load_yaml(HERE.parent / "configs" / "tiny.yaml"),
-                           {"tensorboard": False, "eval_interval": 0, "log_dir": "bench/out/logs/train_vs_hf",
-                            **(overrides or {})})
-
-
-def section_throughput(quick: bool) -> tuple[dict, str]:
+def section_throughput(out: Path, quick: bool) -> tuple[dict, str]:
     import torch
 
     from train_vs_hf import compare
 
     torch.set_num_threads(1)  # the project's rule for CPU ranks (OMP_NUM_THREADS=1); same on both sides
-    cfg = tiny_config()
+    from megallm.config import apply_overrides, load_yaml
+
+    cfg = apply_overrides(load_yaml(HERE.parent / "configs" / "tiny.yaml"),
+                          {"tensorboard": False, "eval_interval": 0, "log_dir": str(out / "logs" / "train_vs_hf")})
     r = compare(cfg, iters=3 if quick else 30, warmup=1 if quick else 3)
     m = cfg.model
     ratio = r["megallm_tokens_per_s"] / r["hf_tokens_per_s"]
@@ -294,7 +289,7 @@ def main(argv=None) -> int:
         print(f"[{time.time() - started:6.0f} s] {msg}", flush=True)
 
     log("1/5 megallm vs HF")
-    single, s1 = section_throughput(args.quick)
+    single, s1 = section_throughput(out, args.quick)
     log("2/5 pipeline efficiency")
     _, s2 = section_pipeline(out, args.quick)
     log("4/5 8-process launch (start-up, spike detector)")

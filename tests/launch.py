@@ -1,4 +1,4 @@
-"""Launch tests/distributed/train_worker.py under torchrun from a test, with a free port."""
+"""Launch the distributed test workers (tests/distributed/) under torchrun from a test, with a free port."""
 
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 600, env: dict 
 
 
 def run_scenarios(nproc: int, out: Path, scenarios: list[dict], config: str = "configs/tiny.yaml",
-                  timeout: int = 600, env: dict | None = None) -> dict[str, dict]:
+                  timeout: int = 600, env: dict | None = None,
+                  worker: str = "tests/distributed/train_worker.py") -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     spec = out / f"spec_{nproc}_{scenarios[0]['name']}.json"
     spec.write_text(json.dumps({"config": str(ROOT / config), "out": str(out), "scenarios": scenarios}))
-    torchrun(nproc, "tests/distributed/train_worker.py", str(spec), timeout=timeout, env=env)
+    torchrun(nproc, worker, str(spec), timeout=timeout, env=env)
     return {sc["name"]: json.loads((out / f"{sc['name']}.json").read_text()) for sc in scenarios}

@@ -1,0 +1,133 @@
+"""Measures what each rank really holds during one training iteration, next to the planner's
+prediction for that rank (megallm.planner.predicted_rank_memory).
+
+    torchrun --nproc-per-node N tests/distributed/memory_worker.py SPEC.json
+
+SPEC: {"config": ..., "out": DIR, "scenarios": [{"name": ..., "overrides": {...}}, ...]}
+Rank 0 writes DIR/<name>.json: {"ranks": [{"measured": {...}, "predicted": {...}}, ...]}.
+
+Measured, by tensor storage (so views and shared buffers count once):
+- parameters and model state after the step: weights, .grad, DDP's gradient buckets (as DDP's
+  own logging reports their sizes), the optimizer's per-parameter state (ZeRO-1: this rank's share).
+- activations: the peak, over the pipeline schedule's whole forward/backward, of the bytes that
+  autograd holds for backward (saved_tensors_hooks), parameters and buffers excluded. A saved
+  tensor is released when autograd drops its graph node, which the hooks see through a holder
+  object's finaliser.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megallm.config import apply_overrides, load_yaml, validate  # noqa: E402
+from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
+from megallm.planner import predicted_rank_memory  # noqa: E402
+from megallm.training.loop import Trainer  # noqa: E402
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of the distinct storages autograd has saved for backward."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.live, self.current, self.peak = exclude, {}, 0, 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self.exclude:
+            return t
+        entry = self.live.setdefault(ptr, [storage.nbytes(), 0])
+        entry[1] += 1
+        if entry[1] == 1:
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        return _Held(t, self, ptr)
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Held:
+    __slots__ = ("tensor", "meter", "ptr")
+
+    def __init__(self, tensor, meter, ptr):
+        self.tensor, self.meter, self.ptr = tensor, meter, ptr
+
+    def __del__(self):
+        self.meter._release(self.ptr)
+
+
+def storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if t is not None and t.dim() > 0:  # 0-dim tensors: Adam's step counters, not per-parameter state
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state(optimizer) -> list[torch.Tensor]:
+    local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's share in .optim
+    return [v for state in local.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def ddp_bucket_bytes(model) -> int:
+    sizes = [m._get_ddp_logging_data().get("bucket_sizes", "") for m in model]
+    return sum(int(s) for text in sizes for s in str(text).split(",") if s.strip())
+
+
+def measure(tr: Trainer) -> dict:
+    params = tr.params
+    exclude = {t.untyped_storage().data_ptr() for c in tr.chunks for t in [*c.parameters(), *c.buffers()]}
+    meter = SavedTensorMeter(exclude)
+    with meter.hooks():
+        record = tr.train_step()
+    assert meter.current == 0, f"{meter.current} saved bytes still held after backward"
+    weights, grads = storage_bytes(params), storage_bytes(p.grad for p in params)
+    buckets, optim = ddp_bucket_bytes(tr.model), storage_bytes(optimizer_state(tr.optimizer))
+    return {"parameters": sum(p.numel() for p in params), "weights": weights, "gradients": grads,
+            "grad_buckets": buckets, "optimizer": optim, "model_state_bytes": weights + grads + buckets + optim,
+            "activation_peak_bytes": meter.peak, "loss": record["loss"]}
+
+
+def run(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for sc in spec["scenarios"]:
+        cfg = apply_overrides(load_yaml(spec["config"]), {"tensorboard": False, **sc.get("overrides", {})})
+        errors = validate(cfg, world)
+        assert not errors, errors
+        p = cfg.parallel
+        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  p.virtual_pipeline_model_parallel_size)
+        tr = Trainer.build(cfg, world)
+        mine = {"rank": rank, "measured": measure(tr), "predicted": predicted_rank_memory(cfg, world, rank)}
+        tr.logger.close()
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        if rank == 0:
+            (out / f"{sc['name']}.json").write_text(json.dumps({"ranks": every}, default=float))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1])
