@@ -6,7 +6,7 @@
 Sections: (1) megallm vs HuggingFace training throughput, (2) pipeline efficiency, (3) data
 pipeline against the training loop's demand, (4) start-up of an 8-process launch, (5) the spike
 detector's overhead, (6) the GPU figures of bench/gpu.py when bench/gpu_results.json holds a
-run (else why there are none), beside published anchors. --quick shrinks every section to a smoke
+run (else why there are none), beside published anchors, (7) `make preflight` on this node. --quick shrinks every section to a smoke
 run (the tests use it); its RESULTS.md says so at the top.
 """
 
@@ -137,6 +137,7 @@ def section_data(out: Path, quick: bool, demand: dict) -> tuple[dict, str]:
     mb_s, prefix, model = bench_data.bench_preprocess(data_out, workers)
     loader = bench_data.bench_loader(prefix, model, data_out)
     r = {"check_tokens_per_s": check, "check_tokens": check_tokens, "preprocess_mb_s": mb_s, "workers": workers,
+         "prefix": prefix,
          "loader_tokens_per_s": loader, "demand": demand}
     rows = []
     for label, need in demand.items():
@@ -211,6 +212,71 @@ def section_spike(launch: dict, single: dict) -> str:
         "sharing 2 cores is most of it, hence the second phase, where a barrier (outside the timer) lines the "
         "ranks up first.",
     ])
+
+
+def section_preflight(out: Path, data_prefix: str, quick: bool) -> tuple[dict, str]:
+    """`make preflight` as a user runs it on this node, timed from the shell, with a config that names
+    real data files and a checkpoint dir so that the storage checks run too."""
+    import subprocess
+
+    import yaml
+
+    pf = out / "preflight"
+    pf.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load((HERE.parent / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"data_path": [data_prefix]}
+    cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "save": str(pf / "checkpoints")}
+    (pf / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # section 1 made this process a rank of a one-process group; a user's shell has none of that
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    runs = []
+    for k in range(1 if quick else 3):
+        report = pf / f"preflight_{k}.json"
+        started = time.perf_counter()
+        proc = subprocess.run(["make", "-s", "preflight", f"PREFLIGHT_ARGS=--config {pf / 'config.yaml'} --json-out {report}"],
+                              cwd=HERE.parent, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+        (pf / f"preflight_{k}.log").write_text(proc.stdout + proc.stderr)
+        if not report.exists():
+            raise RuntimeError(f"make preflight wrote no report (exit {proc.returncode}); see {pf / f'preflight_{k}.log'}")
+        doc = json.loads(report.read_text())
+        runs.append({"wall_s": wall, "exit": proc.returncode, "doc": doc})
+    walls = [r["wall_s"] for r in runs]
+    last = runs[-1]["doc"]
+    status = {}
+    for r in last["results"]:
+        status[r["status"]] = status.get(r["status"], 0) + 1
+    values = {r["check"]: r for r in last["results"] if r["value"] is not None}
+
+    def shown(check):
+        r = values.get(check)
+        if not r:
+            return "not run"
+        why = f": {r['detail']}" if r["status"] != "PASS" and r["detail"] else ""
+        return f"{r['value']:.3g} {r['unit']} ({r['status']}, threshold {r['threshold']}{why})"
+
+    verdict = "met" if max(walls) < 30 else "NOT met"
+    rows = [["`make preflight` wall time (torchrun start to exit)", f"median {median(walls):.1f} s, max {max(walls):.1f} s "
+             f"over {len(walls)} runs (target < 30 s: {verdict})"],
+            ["measurements inside the module", f"{last['measurements']['seconds']:.2f} s"],
+            ["exit codes", ", ".join(str(r["exit"]) for r in runs)],
+            ["checks (last run)", ", ".join(f"{n} {s}" for s, n in sorted(status.items()))]]
+    rows += [[check, shown(check)] for check in
+             ("compute.gemm", "allreduce.dp", "allreduce.world", "data.files", "data.read", "checkpoint",
+              "host.memory")]
+    text = "\n".join([
+        f"## 7. `make preflight` on this node ({last['measurements']['nodes']['0']['nproc']} processes, profile "
+        f"{last['measurements']['profile']['name']})",
+        "",
+        table(["", ""], rows),
+        "",
+        "How: `make -s preflight PREFLIGHT_ARGS=\"--config CFG --json-out J\"`, CFG being configs/tiny.yaml with "
+        "section 3's preprocessed corpus as data and a checkpoint dir, so the storage checks (files, hashes, read "
+        "throughput, free space) run. Multi-node behaviour is tested, not benchmarked: "
+        "tests/test_preflight_netns.py runs three namespace nodes and catches each fault.",
+    ])
+    return {"walls_s": walls, "exits": [r["exit"] for r in runs], "last": last}, text
 
 
 def section_gpu(results_json: Path) -> str:
@@ -288,27 +354,29 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.time() - started:6.0f} s] {msg}", flush=True)
 
-    log("1/5 megallm vs HF")
+    log("section 1: megallm vs HF")
     single, s1 = section_throughput(out, args.quick)
-    log("2/5 pipeline efficiency")
+    log("section 2: pipeline efficiency")
     _, s2 = section_pipeline(out, args.quick)
-    log("4/5 8-process launch (start-up, spike detector)")
+    log("sections 4 and 5: 8-process launch (start-up, spike detector)")
     launch, s4 = section_launch(out, args.quick)
-    log("3/5 data")
+    log("section 3: data")
     demand = {
         "tiny, 1 process (section 1)": single["megallm_tokens_per_s"],
         "tiny, 8 processes tp 2 pp 2 dp 2 (section 4), per data-parallel rank": launch["spike"]["as_is"]["tokens_per_s"] / 2,
         "LLaMA2-70B on H100 (NeMo: 1707 tokens/s/GPU x 16 GPUs per replica)": 1707 * 16,
     }
     data, s3 = section_data(out, args.quick, demand)
+    log("section 7: make preflight")
+    preflight, s7 = section_preflight(out, data["prefix"], args.quick)
     s5 = section_spike(launch, single)
     s6 = section_gpu(Path(args.gpu_results))
-    text = "\n\n".join([header(started, load_start, args.quick), s1, s2, s3, s4, s5, s6]) + "\n"
+    text = "\n\n".join([header(started, load_start, args.quick), s1, s2, s3, s4, s5, s6, s7]) + "\n"
     results = Path(args.results)
     tmp = results.with_name(results.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(results)
-    (out / "results.json").write_text(json.dumps({"throughput": single, "launch": launch, "data": data}, default=str))
+    (out / "results.json").write_text(json.dumps({"throughput": single, "launch": launch, "data": data, "preflight": preflight}, default=str))
     log(f"wrote {results}")
     return 0
 
