@@ -27,6 +27,9 @@ pytestmark = pytest.mark.slow
 LAYOUTS = {
     "tp2_pp2_dp2": {"tp": 2, "pp": 2},
     "tp2_pp4_dp1": {"tp": 2, "pp": 4},
+    # 4 micro-batches of 2 on 4 stages: the first stage runs every forward before any backward,
+    # which once tripped DDP's bucket-rebuild assert (see PipelineRunner.warmup)
+    "tp1_pp4_dp2_m4": {"tp": 1, "pp": 4, "micro_batch_size": 2},
     "tp1_pp2_dp4": {"tp": 1, "pp": 2},
     "tp1_pp1_dp8": {"tp": 1, "pp": 1},
     "tp2_pp2_dp2_vpp2": {"tp": 2, "pp": 2, "vpp": 2},

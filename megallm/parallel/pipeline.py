@@ -13,7 +13,7 @@ Chunk v of pipeline rank r is virtual stage s = v * pp + r and holds layers
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -122,12 +122,23 @@ class PipelineRunner:
         """One discarded step on a batch of zeros. torch.distributed.pipelining's first step on a
         new schedule differs in the last bits from its later steps (measured at tp 2 x pp 2 x dp 2:
         the last stage's gradients), so without it a resumed run would not repeat an uninterrupted
-        one exactly. Gradients are dropped; no optimizer state is touched."""
+        one exactly. Gradients are dropped; no optimizer state is touched.
+
+        DDP is held in no_sync for it. The schedule's first step infers shapes with a forward that
+        torch runs outside no_sync, which arms DDP's reducer: the first micro-batch's backward would
+        then all-reduce and record DDP's bucket order, and the last one records it again. When the
+        first stage runs all its forwards before any backward (micro-batches <= pipeline size), no
+        forward rebuilds the buckets in between and DDP's "rebuilt parameter indices size" assert
+        fires at the next step. The last backward still syncs (pipelining calls the reducer itself)."""
         if self.schedule is None:
             return
         zeros = torch.zeros(self.n_microbatches * self.micro_batch_size, self.seq_length, dtype=torch.long,
                             device=self.device)
-        self.step(zeros, zeros)
+        with ExitStack() as no_sync:
+            for chunk in self.chunks:
+                if hasattr(chunk, "no_sync"):
+                    no_sync.enter_context(chunk.no_sync())
+            self.step(zeros, zeros)
         for chunk in self.chunks:
             for p in chunk.parameters():
                 p.grad = None
