@@ -14,7 +14,7 @@ NPROC_PER_NODE ?= $(shell $(PYTHON) -c "import shutil,subprocess;print(subproces
 PREFLIGHT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast preflight bench lint clean
+.PHONY: venv demo test test-fast preflight bench clean
 
 venv: $(STAMP)
 

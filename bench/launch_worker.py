@@ -12,7 +12,7 @@ Each rank writes DIR/launch_rank<r>.json:
   spike      per-iteration records in two phases of N iterations (after W warm-up ones):
              'as_is' (spike_check_ms includes waiting for the slowest rank at the first all-reduce)
              and 'synced' (a barrier placed just before the check, outside its timer, so
-             spike_check_ms is the detector's own cost: two 1-element all-reduces + statistics).
+             spike_check_ms is the detector's own cost: one 1-element all-reduce + statistics).
 """
 
 import time

@@ -76,8 +76,9 @@ def measure(out: Path, pps=(2, 4), micro_batches=(4, 8, 16), iters: int = 5, war
     for pp in pps:
         scs = scenarios(pp, micro_batches, schedules)
         spec = out / f"pipeline_spec_pp{pp}.json"
+        launched = [{**sc, "overrides": {**sc["overrides"], "log_dir": str(out / "logs" / sc["name"])}} for sc in scs]
         spec.write_text(json.dumps({"config": str(ROOT / config), "out": str(out), "iters": iters, "warmup": warmup,
-                                    "repeats": repeats, "scenarios": scs}))
+                                    "repeats": repeats, "scenarios": launched}))
         torchrun(pp, "bench/pipeline_worker.py", str(spec), timeout=1200)
         for sc in scs:
             result = json.loads((out / f"{sc['name']}.json").read_text())

@@ -28,11 +28,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megallm.config import apply_overrides, load_yaml, validate  # noqa: E402
 from megallm.model import weight_mapping  # noqa: E402
 from megallm.parallel.pipeline import build_model_chunks  # noqa: E402
-from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
 from megallm.training.loop import Trainer, loss_fn  # noqa: E402
+from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
 
 
 def timed_pipeline(tr: Trainer, sink: list) -> None:
@@ -92,19 +91,10 @@ def stage_alone(tr: Trainer, repeats: int) -> float:
 
 
 def run(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = load_spec(spec_path)
     out = Path(spec["out"])
-    dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    for sc in spec["scenarios"]:
-        cfg = apply_overrides(load_yaml(spec["config"]), {
-            "tensorboard": False, "log_dir": str(out / "logs" / sc["name"]), "eval_interval": 0,
-            **sc["overrides"]})
-        errors = validate(cfg, world)
-        assert not errors, errors
-        p = cfg.parallel
-        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  p.virtual_pipeline_model_parallel_size)
+    for sc, cfg in each_scenario(spec, defaults={"eval_interval": 0}):
         tr = Trainer.build(cfg, world)
         steps, elapsed = [], []
         timed_pipeline(tr, steps)

@@ -206,8 +206,8 @@ def section_spike(launch: dict, single: dict) -> str:
         "",
         f"How: the same 8-process launch as section 4, {launch['iters']} iterations after {launch['warmup']} warm-up "
         "ones per phase, every rank's record counted (samples = ranks x iterations); spike_min_history 4 (tiny.yaml "
-        "has 16), so the detector's z-scores are live in every timed iteration. spike_check_ms times the two 1-element all-reduces "
-        "(the nonfinite OR and the skip OR) and the z-score statistics; in the first phase it also holds "
+        "has 16), so the detector's z-scores are live in every timed iteration. spike_check_ms times the one 1-element all-reduce "
+        "(the OR of every rank's spike decision) and the z-score statistics; in the first phase it also holds "
         "whatever time a rank waits there for ranks of the other model-parallel group, which on 8 ranks "
         "sharing 2 cores is most of it, hence the second phase, where a barrier (outside the timer) lines the "
         "ranks up first.",

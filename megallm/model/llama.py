@@ -177,6 +177,10 @@ class LlamaChunk(nn.Module):
                 m.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=noop, bias=False,
                 gather_output=False, tp_group=tp_group)
         self.rotary = RotaryEmbedding(m.kv_channels, m.rotary_base)
+        if tp == 1:
+            for layer in self.modules():
+                if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)):
+                    layer._forward_impl = _plain_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_process:
@@ -187,6 +191,14 @@ class LlamaChunk(nn.Module):
         if self.post_process:
             x, _ = self.output_layer(self.final_layernorm(x))
         return x
+
+
+def _plain_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **_) -> torch.Tensor:
+    """The GEMM of megatron's linear layers at tensor parallel 1, where megatron's autograd Function
+    has nothing to communicate (and sequence parallel and gradient-accumulation fusion are off here)
+    but still copies the output gradient to a contiguous buffer in backward: forward + backward
+    took 2-31% longer than torch's linear at the tiny config's shapes on CPU (bench/RESULTS.md 1)."""
+    return F.linear(input, weight, bias)
 
 
 def init_std(m: ModelConfig) -> tuple[float, float]:

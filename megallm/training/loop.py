@@ -9,7 +9,6 @@ Process groups must exist before `Trainer.build` (see launch/pretrain_llama2.py)
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -147,14 +146,14 @@ class Trainer:
         loss = dp_utils.global_loss(losses, self.device)
         norm, grads_nonfinite = dp_utils.global_grad_norm(self.params)
         grad_norm = float(norm)
-        local_nonfinite = grads_nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm))
-        spike_start = time.perf_counter()  # the detector's own cost: two 1-element all-reduces + stats
-        nonfinite = dp_utils.any_rank(local_nonfinite, self.device)
-        decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=nonfinite)
-        action = cfg.spike.spike_action
-        skip = dp_utils.any_rank(decision.spike and action != "warn", self.device)
-        if decision.spike != skip and action != "warn":  # another rank flagged it (e.g. its own NaN)
-            decision.spike, decision.reason = True, decision.reason or "nonfinite_grad"
+        spike_start = time.perf_counter()  # the detector's own cost: one 1-element all-reduce + stats
+        # Loss and grad norm are identical on every rank, so ranks can disagree only through a
+        # NaN/Inf in their own gradients (grads_nonfinite). One OR over all ranks of the local
+        # decision therefore gives every rank the same decision, and the same detector state after.
+        decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=grads_nonfinite)
+        if dp_utils.any_rank(decision.spike, self.device) and not decision.spike:
+            decision.spike, decision.reason = True, "nonfinite_grad"  # another rank's own NaN/Inf
+        skip = decision.spike and cfg.spike.spike_action != "warn"
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
 

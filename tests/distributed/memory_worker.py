@@ -24,10 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megallm.config import apply_overrides, load_yaml, validate  # noqa: E402
-from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
 from megallm.planner import predicted_rank_memory  # noqa: E402
 from megallm.training.loop import Trainer  # noqa: E402
+from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
 
 
 class SavedTensorMeter:
@@ -107,27 +106,18 @@ def measure(tr: Trainer) -> dict:
 
 
 def run(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    out = Path(spec["out"])
-    dist.init_process_group("gloo")
+    spec = load_spec(spec_path)
     world, rank = dist.get_world_size(), dist.get_rank()
-    for sc in spec["scenarios"]:
-        cfg = apply_overrides(load_yaml(spec["config"]), {"tensorboard": False, **sc.get("overrides", {})})
-        errors = validate(cfg, world)
-        assert not errors, errors
-        p = cfg.parallel
-        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  p.virtual_pipeline_model_parallel_size)
+    for sc, cfg in each_scenario(spec):
         tr = Trainer.build(cfg, world)
         mine = {"rank": rank, "measured": measure(tr), "predicted": predicted_rank_memory(cfg, world, rank)}
         tr.logger.close()
         every = [None] * world
         dist.all_gather_object(every, mine)
         if rank == 0:
-            (out / f"{sc['name']}.json").write_text(json.dumps({"ranks": every}, default=float))
+            (Path(spec["out"]) / f"{sc['name']}.json").write_text(json.dumps({"ranks": every}, default=float))
         dist.barrier()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     run(sys.argv[1])

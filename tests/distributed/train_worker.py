@@ -18,25 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
 
-from megallm.config import apply_overrides, load_yaml, validate  # noqa: E402
-from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
 from megallm.training import checkpoint  # noqa: E402
 from megallm.training.loop import StopTraining, Trainer  # noqa: E402
+from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
 
 
 def run(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = load_spec(spec_path)
     out = Path(spec["out"])
-    dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    for sc in spec["scenarios"]:
-        cfg = apply_overrides(load_yaml(spec["config"]), {"tensorboard": False, **sc.get("overrides", {})})
-        errors = validate(cfg, world)
-        assert not errors, errors
+    for sc, cfg in each_scenario(spec):
         os.environ.update(sc.get("env", {}))
-        p = cfg.parallel
-        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  p.virtual_pipeline_model_parallel_size)
         result = {}
         tr = Trainer.build(cfg, world)
         try:
