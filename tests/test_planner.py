@@ -187,8 +187,8 @@ def test_predicted_rank_memory_cpu_fp32():
     r = predicted_rank_memory(cfg, 1, 0)
     assert r["activation_bytes"] == 4 * 128 * 4 * 2666 + 4 * 128 * (385 + 4096) + 16 * 128 + 2 * 128 * 16 * 4
     assert r["activation_bytes"] == 7_772_672  # measured: 7,772,800 (see module docstring)
-    # fp32: weight 4 + grad 4 + DDP bucket 4 + Adam 8 = 20 B/param
-    assert r["parameters"] == parameter_count(cfg.model) == 1_754_240 and r["model_state_bytes"] == 20 * 1_754_240
+    # fp32 on one rank: weight 4 + grad 4 + Adam 8 = 16 B/param (no DDP, so no bucket, at dp 1)
+    assert r["parameters"] == parameter_count(cfg.model) == 1_754_240 and r["model_state_bytes"] == 16 * 1_754_240
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 2
     cfg.parallel.use_distributed_optimizer = True
     # 8 ranks: tp 2 x dp 2 x pp 2; rank = tp_rank + 2*(dp_rank + 2*pp_rank): ranks 4-7 are pp 1.

@@ -1,12 +1,13 @@
 """The planner's per-rank memory prediction against what real CPU runs hold, rank by rank.
 
 One 8-process launch (tests/distributed/memory_worker.py) runs one iteration of configs/tiny.yaml
-in three layouts and measures each rank by tensor storage: parameters, weights, gradients, DDP's
+in four layouts and measures each rank by tensor storage: parameters, weights, gradients, DDP's
 buckets and the optimizer state after the step, and the peak of the bytes autograd holds for
 backward during the pipeline schedule.
 
 Tolerances, and why:
-- parameters, weights, gradients, buckets, unsharded Adam state: exact. They are sums of shapes.
+- parameters, weights, gradients, DDP's buckets (none at dp 1, where megallm does not wrap in DDP),
+  unsharded Adam state: exact. They are sums of shapes.
 - ZeRO-1 Adam state: torch's ZeroRedundancyOptimizer gives each data-parallel rank whole
   parameters, so its share is uneven (tiny: one embedding shard is 60% of a stage's state). The
   planner predicts the even share; the test asserts the data-parallel group's sum exactly and
@@ -32,6 +33,7 @@ LAYOUTS = {
     "tp2_pp2_dp2_zero1": {"tp": 2, "pp": 2, "use_distributed_optimizer": True},
     "tp1_pp4_dp2": {"tp": 1, "pp": 4},
     "tp2_pp2_vpp2_dp2": {"tp": 2, "pp": 2, "vpp": 2},
+    "tp2_pp4_dp1": {"tp": 2, "pp": 4},  # no DDP at dp 1: no buckets
 }
 
 

@@ -64,8 +64,9 @@ class StateBytes:
     weight 4, Adam m 4 and v 4. The distributed optimizer shards master + Adam over d data-parallel
     ranks: 6 + 12/d.
     fp32 (megallm on CPU: fp32 weights, torch DDP, torch AdamW, 20 B/param): weight 4, .grad 4, the
-    DDP reducer's flat bucket 4 (separate from .grad: gradient_as_bucket_view is off), Adam 8.
-    ZeRO-1 (torch's ZeroRedundancyOptimizer) shards only Adam: 12 + 8/d.
+    DDP reducer's flat bucket 4 (separate from .grad: gradient_as_bucket_view is off; none at
+    dp 1, where megallm does not wrap in DDP), Adam 8. ZeRO-1 (torch's ZeroRedundancyOptimizer)
+    shards only Adam: 12 + 8/d.
     """
 
     weights: int
@@ -94,7 +95,7 @@ def model_state_bytes(parameters: int, layout: Layout) -> dict[str, int]:
     parts = {
         "weights": parameters * b.weights,
         "gradients": parameters * b.gradients,
-        "grad_buckets": parameters * b.grad_buckets,
+        "grad_buckets": parameters * b.grad_buckets if layout.dp > 1 else 0,
         "master_weights": parameters * b.master_weights // d,
         "optimizer": parameters * b.optimizer // d,
     }

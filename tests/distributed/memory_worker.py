@@ -87,7 +87,7 @@ def optimizer_state(optimizer) -> list[torch.Tensor]:
 
 
 def ddp_bucket_bytes(model) -> int:
-    sizes = [m._get_ddp_logging_data().get("bucket_sizes", "") for m in model]
+    sizes = [m._get_ddp_logging_data().get("bucket_sizes", "") for m in model if hasattr(m, "_get_ddp_logging_data")]
     return sum(int(s) for text in sizes for s in str(text).split(",") if s.strip())
 
 
