@@ -10,9 +10,9 @@ Each rank writes DIR/launch_rank<r>.json:
              model_parallel_groups, trainer_build, first_iteration;
   build      seconds inside Trainer.build: model chunks, weight init, pipeline warm-up step, datasets;
   spike      per-iteration records in two phases of N iterations (after W warm-up ones):
-             'as_is' (spike_check_ms includes waiting for the slowest rank at the first all-reduce)
-             and 'synced' (a barrier placed just before the check, outside its timer, so
-             spike_check_ms is the detector's own cost: one 1-element all-reduce + statistics).
+             'as_is' (the loop as it runs) and 'synced' (a barrier after the last collective
+             before the check, outside its timer: a control, since the check itself holds no
+             collective and so should bill no waiting for a late rank).
 """
 
 import time
@@ -58,16 +58,16 @@ def accumulate_time(owner, name: str, seconds: dict, key: str) -> None:
 
 
 def synced_before_spike_check() -> None:
-    """global_grad_norm is the last collective before the detector's timer starts; a barrier at
-    its end lines every rank up, so the check no longer bills waiting for a late rank."""
-    inner = data_parallel.global_grad_norm
+    """global_loss is the last collective before the detector's timer starts; a barrier at its
+    end lines every rank up."""
+    inner = data_parallel.global_loss
 
-    def wrapped(params):
-        out = inner(params)
+    def wrapped(*args, **kwargs):
+        out = inner(*args, **kwargs)
         dist.barrier()
         return out
 
-    data_parallel.global_grad_norm = wrapped
+    data_parallel.global_loss = wrapped
 
 
 def main(spec_path: str) -> None:

@@ -52,12 +52,14 @@ def is_tensor_parallel_unique(p: torch.Tensor) -> bool:
 
 
 def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool]:
-    """L2 norm of the whole model's gradient, and whether any of this rank's gradients is NaN/Inf.
+    """L2 norm of the whole model's gradient, and whether any rank of this model replica (its
+    tp x pp group) holds a NaN/Inf gradient.
 
     After DDP's all-reduce the data-parallel replicas hold equal gradients, so the norm sums over
     the model-parallel (tp x pp) group only, counting replicated parameters on tp rank 0. The
     non-finite flag looks at every local gradient, replicated ones included: a NaN in tp rank 1's
-    copy of a norm weight is outside the norm but would still poison that rank's weights."""
+    copy of a norm weight is outside the norm but would still poison that rank's weights. The flag
+    rides in the norm's all-reduce; global_loss carries it on to the other replicas."""
     grads = [(p.grad, is_tensor_parallel_unique(p)) for p in params if p.grad is not None]
     device = grads[0][0].device if grads else torch.device("cpu")
     counted = torch.zeros((), dtype=torch.float64, device=device)
@@ -69,9 +71,10 @@ def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool
             counted += sq
         else:
             replicated += sq
-    local_nonfinite = not bool(torch.isfinite(counted + replicated))
-    dist.all_reduce(counted, group=_ps().get_model_parallel_group())
-    return counted.sqrt().float(), local_nonfinite
+    local_nonfinite = (~torch.isfinite(counted + replicated)).double()
+    packed = torch.stack([counted, local_nonfinite])  # [sum of squares, ranks with a NaN/Inf]
+    dist.all_reduce(packed, group=_ps().get_model_parallel_group())
+    return packed[0].sqrt().float(), bool(packed[1] > 0)
 
 
 def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
@@ -82,17 +85,24 @@ def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: tor
                 p.grad.mul_(coef)
 
 
-def global_loss(local_losses: Optional[list[torch.Tensor]], device: torch.device) -> float:
-    """Mean loss over micro-batches and data-parallel ranks, the same float on every rank."""
+def global_loss(local_losses: Optional[list[torch.Tensor]], device: torch.device,
+                nonfinite: bool = False) -> tuple[float, bool]:
+    """Mean loss over micro-batches and data-parallel ranks, the same float on every rank, and the
+    OR of `nonfinite` (each replica's flag from global_grad_norm) over every rank.
+
+    The flag travels in the loss's own collectives (all-reduce over data parallel on the last
+    stage, broadcast down the pipeline), so a rank-local NaN reaches every rank without a
+    collective of its own."""
     ps = _ps()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
+    packed = torch.zeros(2, dtype=torch.float64, device=device)  # [loss, replicas with a NaN/Inf]
     if local_losses is not None:
-        loss += torch.stack([l.double() for l in local_losses]).mean()
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        loss /= ps.get_data_parallel_world_size()
+        packed[0] = torch.stack([l.double() for l in local_losses]).mean()
+        packed[1] = float(nonfinite)
+        dist.all_reduce(packed, group=ps.get_data_parallel_group())
+        packed[0] /= ps.get_data_parallel_world_size()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return float(loss)
+        dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return float(packed[0]), bool(packed[1] > 0)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -143,16 +143,14 @@ class Trainer:
         faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
                                       cfg.training.global_batch_size)
 
-        loss = dp_utils.global_loss(losses, self.device)
-        norm, grads_nonfinite = dp_utils.global_grad_norm(self.params)
+        # Every rank gets the same loss, grad norm and "some rank has a NaN/Inf gradient" flag (the
+        # flag rides in the norm's and the loss's collectives), so every rank takes the same
+        # decision from the same inputs and keeps the same detector state.
+        norm, replica_nonfinite = dp_utils.global_grad_norm(self.params)
+        loss, any_nonfinite = dp_utils.global_loss(losses, self.device, replica_nonfinite)
         grad_norm = float(norm)
-        spike_start = time.perf_counter()  # the detector's own cost: one 1-element all-reduce + stats
-        # Loss and grad norm are identical on every rank, so ranks can disagree only through a
-        # NaN/Inf in their own gradients (grads_nonfinite). One OR over all ranks of the local
-        # decision therefore gives every rank the same decision, and the same detector state after.
-        decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=grads_nonfinite)
-        if dp_utils.any_rank(decision.spike, self.device) and not decision.spike:
-            decision.spike, decision.reason = True, "nonfinite_grad"  # another rank's own NaN/Inf
+        spike_start = time.perf_counter()  # the detector's own cost: its statistics
+        decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=any_nonfinite)
         skip = decision.spike and cfg.spike.spike_action != "warn"
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
@@ -230,7 +228,7 @@ class Trainer:
             offset = ((self.iteration // max(cfg.training.eval_interval, 1)) * cfg.training.eval_iters + i)
             tokens, labels = self.local_batch(self.valid_ds, offset * cfg.training.global_batch_size)
             local = self.runner.evaluate(tokens, labels)
-            losses.append(dp_utils.global_loss(local, self.device))
+            losses.append(dp_utils.global_loss(local, self.device)[0])
         for m in self.model:
             m.train()
         return float(np.mean(losses))

@@ -9,8 +9,8 @@ and always when the loss or the gradient is NaN/Inf. Only upward deviations coun
 falls fast is progress. Flagged values never enter the window, so a burst of spikes cannot
 teach the detector that spikes are normal.
 
-Inputs must be the globally reduced values (identical on all ranks); the caller also OR-reduces
-the decision so that a rank-local NaN skips everywhere. The spike-report tool reads the same
+Inputs must be the globally reduced values (identical on all ranks), the "NaN/Inf elsewhere" flag
+included (OR-reduced over all ranks by the caller), so that a rank-local NaN skips everywhere. The spike-report tool reads the same
 statistics from spikes.jsonl, which this module's SpikeDecision fills.
 """
 
