@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import benchlib  # noqa: E402
+from megallm.files import atomic_write  # noqa: E402
 from benchlib import median, table  # noqa: E402
 
 # Published anchors (shared/REFERENCE.md) and why a one-GPU bf16 slice is or is not comparable.
@@ -373,10 +374,7 @@ def main(argv=None) -> int:
     s5 = section_spike(launch, single)
     s6 = section_gpu(Path(args.gpu_results))
     text = "\n\n".join([header(started, load_start, args.quick), s1, s2, s3, s4, s5, s6, s7]) + "\n"
-    results = Path(args.results)
-    tmp = results.with_name(results.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(results)
+    results = atomic_write(args.results, text)
     (out / "results.json").write_text(json.dumps({"throughput": single, "launch": launch, "data": data, "preflight": preflight}, default=str))
     log(f"wrote {results}")
     return 0

@@ -39,6 +39,7 @@ from megallm.checkpoint.hf_config import (DTYPES, HF_KEYS, ConversionError, gene
                                           model_config_from_hf, read_json, token_ids_of)
 from megallm.checkpoint.hf_files import DEFAULT_MAX_SHARD_SIZE, HFWeights, no_progress, stream_groups, write_hf_weights
 from megallm.config import Config, ModelConfig, apply_overrides, validate
+from megallm.files import atomic_write
 from megallm.model import weight_mapping as wm
 from megallm.training import checkpoint as ckpt_mod
 from megallm.training.checkpoint import FORMAT, LATEST, file_of, iter_dir, read_meta
@@ -164,7 +165,7 @@ class MegallmWriter:
                 **extra, "files": self.files}
         (self.partial / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(self.partial, self.final)
-        ckpt_mod._write_atomic(self.root / LATEST, str(self.iteration))
+        atomic_write(self.root / LATEST, str(self.iteration))
         return self.final
 
     @contextmanager

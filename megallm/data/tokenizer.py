@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from megallm.files import atomic_write
 
 
 class TokenizerError(ValueError):
@@ -122,7 +123,4 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, output_prefix
         num_threads=1,  # deterministic, and faster than 2 threads on this corpus
         minloglevel=2,
     )
-    tmp = model.with_name(f"{model.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(writer.getvalue())
-    os.replace(tmp, model)
-    return model
+    return atomic_write(model, writer.getvalue())

@@ -4,15 +4,13 @@ machines (--json-out with every measurement, --hosts-out with the fit hosts, one
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
+from megallm.files import atomic_write
 from megallm.preflight.checks import FAIL, PASS, SKIP, WARN, Result, bad_nodes, fmt, healthy_nodes, passed
 
 STYLE = {PASS: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
@@ -69,20 +67,6 @@ def print_report(results: list[Result], node_names: dict[int, str], notes: list[
         console.print(f"note: {note}", markup=False)
     for line in summary_lines(results, node_names):
         console.print(line, markup=False)
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write to a temporary name beside path, then rename: readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_json(path: str, measurements: dict, results: list[Result]) -> None:

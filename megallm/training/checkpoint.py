@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megallm import __version__
+from megallm.files import atomic_write
 from megallm.model import weight_mapping as wm
 from megallm.training import faults
 
@@ -193,7 +194,7 @@ def save(tr) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomic(root / LATEST, str(tr.iteration))
+        atomic_write(root / LATEST, str(tr.iteration))
         _prune(tr, root)
         print(f" saved checkpoint {final}", flush=True)
     dist.barrier()
@@ -237,12 +238,6 @@ def resume_data_state(path: str | Path) -> Optional[dict]:
         return read_meta(path).get("data_state")
     except CheckpointError:
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_iterations(root: str | Path) -> list[int]:
