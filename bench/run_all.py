@@ -229,15 +229,12 @@ def section_preflight(out: Path, data_prefix: str, quick: bool) -> tuple[dict, s
     cfg["data"] = {"data_path": [data_prefix]}
     cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "save": str(pf / "checkpoints")}
     (pf / "config.yaml").write_text(yaml.safe_dump(cfg))
-    # section 1 made this process a rank of a one-process group; a user's shell has none of that
-    env = {k: v for k, v in os.environ.items() if k not in
-           ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     runs = []
     for k in range(1 if quick else 3):
         report = pf / f"preflight_{k}.json"
         started = time.perf_counter()
         proc = subprocess.run(["make", "-s", "preflight", f"PREFLIGHT_ARGS=--config {pf / 'config.yaml'} --json-out {report}"],
-                              cwd=HERE.parent, capture_output=True, text=True, env=env)
+                              cwd=HERE.parent, capture_output=True, text=True)
         wall = time.perf_counter() - started
         (pf / f"preflight_{k}.log").write_text(proc.stdout + proc.stderr)
         if not report.exists():

@@ -15,7 +15,6 @@ the same model.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -26,19 +25,10 @@ from megallm.config import Config
 
 def world_of_one(backend: str = "auto") -> None:
     """A one-rank default group and megatron's groups at tp = pp = 1, in this process."""
-    import torch.distributed as dist
-
     from megallm import platform
-    from megallm.parallel.topology import initialize_model_parallel
+    from megallm.parallel.topology import init_world_of_one, initialize_model_parallel
 
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(platform.backend(backend), rank=0, world_size=1)
+    init_world_of_one(platform.backend(backend))
     initialize_model_parallel(1, 1)
 
 

@@ -3,7 +3,6 @@ blend on resume, and the collective build under torch.distributed."""
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from megallm.data.dataset import SyntheticDataset, build_datasets, split_sizes
 from megallm.data.provenance import describe_samples
 from megallm.data.sampler import global_batch_indices
 from megallm.data.tokenizer import load_tokenizer
+from tests.launch import free_port
 
 
 def test_parse_blend():
@@ -117,11 +117,6 @@ def test_new_blend_on_resume_replays_nothing(two_datasets, tokenizer_model, tmp_
     assert later["consumed_per_dataset"] == {os.path.realpath(a): consumed + 1 + 32, os.path.realpath(b): 32}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _build_on_rank(rank, world, port, cfg, queue):
     import torch.distributed as dist
@@ -144,7 +139,7 @@ def test_collective_build_on_two_ranks(two_datasets, tokenizer_model, tmp_path):
                       global_batch_size=8)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_build_on_rank, args=(r, 2, port, cfg, queue)) for r in range(2)]
     for p in procs:
         p.start()

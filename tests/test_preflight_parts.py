@@ -14,6 +14,7 @@ from rich.console import Console
 from megallm.config import load_yaml
 from megallm.preflight import checks, facts, layout, rendezvous, report, run, storage
 from megallm.preflight.checks import FAIL, PASS, Result
+from tests.launch import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -166,7 +167,7 @@ def test_mem_available_and_xid_filter(tmp_path):
 
 
 def test_registration_names_missing_node_at_the_deadline():
-    port = _free_port()
+    port = free_port()
     host = rendezvous.connect("127.0.0.1", port, True, 5)
     client = rendezvous.connect("127.0.0.1", port, False, 5)
     rendezvous.post(host, "node/0", {"hostname": "a", "nproc": 2})
@@ -183,7 +184,7 @@ def test_registration_names_missing_node_at_the_deadline():
 
 
 def test_registration_returns_early_when_all_joined():
-    port = _free_port()
+    port = free_port()
     host = rendezvous.connect("127.0.0.1", port, True, 5)
     rendezvous.post(host, "node/0", {"nproc": 1})
     start = time.monotonic()
@@ -194,7 +195,7 @@ def test_registration_returns_early_when_all_joined():
 def test_unreachable_master_is_a_clear_error():
     start = time.monotonic()
     with pytest.raises(rendezvous.MasterUnreachable, match=r"could not reach the preflight store at 127.0.0.1:\d+"):
-        rendezvous.connect("127.0.0.1", _free_port(), False, 1)
+        rendezvous.connect("127.0.0.1", free_port(), False, 1)
     assert time.monotonic() - start < 10
 
 
@@ -205,17 +206,10 @@ def test_listener_probe():
         assert isinstance(ms, float) and ms < 1000
     finally:
         listener.close()
-    refused = rendezvous.probe("127.0.0.1", _free_port(), 2)
+    refused = rendezvous.probe("127.0.0.1", free_port(), 2)
     assert isinstance(refused, str) and "ConnectionRefused" in refused
     assert rendezvous.own_address("127.0.0.1", 1) == "127.0.0.1"
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- runner

@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_preflight(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     """The Makefile's line: torchrun --nnodes 1 --node-rank 0 --nproc-per-node 2 --master-addr/port."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0", "--nproc-per-node",
-           "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megallm.preflight", *args]
+           "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megallm.preflight", *args]
     env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

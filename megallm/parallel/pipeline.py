@@ -22,6 +22,7 @@ from torch import nn
 from megallm.config import Config
 from megallm.model.llama import LlamaChunk
 from megallm.model.weight_mapping import mark_sharded_parameters
+from megallm.parallel.topology import init_world_of_one
 
 
 def stage_layout(cfg: Config, pp_rank: int) -> list[tuple[int, int, int]]:
@@ -67,15 +68,7 @@ class StandInGroup:
 def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[LlamaChunk]:
     """One pipeline rank's chunks with no memory behind them. Megatron's layers read group sizes
     only once torch.distributed is up, so a world of one is made if none exists."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as sock:  # any free port: a fixed one collides with a running job
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_world_of_one()
     group = StandInGroup(cfg.parallel.tensor_model_parallel_size, tp_rank)
     with torch.device("meta"):
         return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)

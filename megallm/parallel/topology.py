@@ -8,6 +8,7 @@ Megatron (the preflight checks, the planner) agree with training by construction
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,19 @@ def rank_groups(world_size: int, tp: int, pp: int) -> RankGroups:
         pipeline=[[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
         data=[[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
     )
+
+
+def init_world_of_one(backend: str = "gloo") -> None:
+    """A one-rank default group, unless one exists: for building and running a model inside one
+    process (meta-device stages, benchmarks, tests). Rendezvous goes through an explicit free port
+    rather than MASTER_ADDR/RANK in the environment, which a torchrun started later from this
+    process would inherit; a fixed port would collide with a job already running."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def new_subgroups(groups: list[list[int]], backend: str | None = None):
