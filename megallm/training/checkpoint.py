@@ -228,14 +228,11 @@ def _data_state(tr) -> Optional[dict]:
 
 def resume_data_state(path: str | Path) -> Optional[dict]:
     """The data state of the checkpoint `load` would pick first (datasets are built before loading)."""
-    path = Path(path)
-    if not (path / "meta.json").exists():
-        its = complete_iterations(path)
-        if not its:
-            return None
-        path = iter_dir(path, its[-1])
+    candidates = load_candidates(path)
+    if not candidates:
+        return None
     try:
-        return read_meta(path).get("data_state")
+        return read_meta(candidates[0]).get("data_state")
     except CheckpointError:
         return None
 
@@ -419,22 +416,27 @@ def _apply_meta(tr, meta: dict) -> None:
     tr.policy.load_state_dict(meta["policy"])
 
 
+def load_candidates(path: str | Path, before_iteration: Optional[int] = None) -> list[Path]:
+    """The checkpoints `load` tries, in order: `path` itself when it is one iter_N directory, else
+    the run directory's complete checkpoints (before `before_iteration`), newest first."""
+    path = Path(path)
+    if (path / "meta.json").exists() or path.name.startswith("iter_"):
+        return [path]
+    its = [i for i in complete_iterations(path) if before_iteration is None or i < before_iteration]
+    return [iter_dir(path, i) for i in reversed(its)]
+
+
 def load(tr, path: str | Path, before_iteration: Optional[int] = None) -> Optional[int]:
     """Resume from `path`: a run directory (its newest complete checkpoint, falling back to older
     ones if that one is damaged) or one iter_N directory. Returns the iteration loaded, or None
     when the directory holds no checkpoint (a fresh start)."""
     from megallm.parallel.data_parallel import any_rank
 
-    path = Path(path)
-    if (path / "meta.json").exists() or path.name.startswith("iter_"):
-        candidates = [path]
-    else:
-        its = [i for i in complete_iterations(path) if before_iteration is None or i < before_iteration]
-        candidates = [iter_dir(path, i) for i in reversed(its)]
-        if not candidates:
-            if before_iteration is None:
-                return None
-            raise CheckpointError(f"{path}: no complete checkpoint before iteration {before_iteration}")
+    candidates = load_candidates(path, before_iteration)
+    if not candidates:
+        if before_iteration is None:
+            return None
+        raise CheckpointError(f"{path}: no complete checkpoint before iteration {before_iteration}")
     errors = []
     for ckpt in candidates:
         try:

@@ -10,8 +10,9 @@ falls fast is progress. Flagged values never enter the window, so a burst of spi
 teach the detector that spikes are normal.
 
 Inputs must be the globally reduced values (identical on all ranks), the "NaN/Inf elsewhere" flag
-included (OR-reduced over all ranks by the caller), so that a rank-local NaN skips everywhere. The spike-report tool reads the same
-statistics from spikes.jsonl, which this module's SpikeDecision fills.
+included (OR-reduced over all ranks by the caller), so that a rank-local NaN skips everywhere.
+The spike-report tool reads the same statistics from spikes.jsonl, which this module's
+SpikeDecision fills.
 """
 
 from __future__ import annotations

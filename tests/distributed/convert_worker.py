@@ -23,10 +23,10 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from megallm.checkpoint.convert import config_from_meta, resolve_megallm  # noqa: E402
-from megallm.config import apply_overrides, validate  # noqa: E402
-from megallm.parallel.topology import initialize_model_parallel  # noqa: E402
+from megallm.config import apply_overrides  # noqa: E402
 from megallm.training import checkpoint  # noqa: E402
 from megallm.training.loop import Trainer  # noqa: E402
+from tests.distributed.scenarios import load_spec, set_up_layout  # noqa: E402
 
 
 @torch.no_grad()
@@ -60,10 +60,9 @@ def pipelined_forward(chunks, cfg, tokens: torch.Tensor):
 def run(spec_path: str) -> None:
     from megatron.core import parallel_state as ps
 
-    spec = json.loads(Path(spec_path).read_text())
+    spec = load_spec(spec_path)
     out = Path(spec["out"])
     tokens = load_file(spec["tokens"])["tokens"]
-    dist.init_process_group("gloo")
     world = dist.get_world_size()
     for run in spec["runs"]:
         ckpt = resolve_megallm(run["ckpt"])
@@ -72,9 +71,7 @@ def run(spec_path: str) -> None:
             "tp": run["tp"], "pp": run["pp"], "vpp": run.get("vpp"), "seq_length": tokens.shape[1],
             "micro_batch_size": 1, "global_batch_size": 8, "train_iters": 1, "lr_warmup_iters": 0,
             "tensorboard": False, "log_dir": str(out / run["name"]), "load": run["ckpt"], "save": None})
-        errors = validate(cfg, world)
-        assert not errors, errors
-        initialize_model_parallel(run["tp"], run["pp"], run.get("vpp"))
+        set_up_layout(cfg)
         tr = Trainer.build(cfg, world)
         loaded = checkpoint.load(tr, cfg.checkpoint.load)
         logits = pipelined_forward(tr.chunks, cfg, tokens)

@@ -24,9 +24,14 @@ def each_scenario(spec: dict, defaults: dict | None = None) -> Iterator[tuple[di
     for sc in spec["scenarios"]:
         cfg = apply_overrides(load_yaml(spec["config"]),
                               {"tensorboard": False, **(defaults or {}), **sc.get("overrides", {})})
-        errors = validate(cfg, dist.get_world_size())
-        assert not errors, errors
-        p = cfg.parallel
-        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  p.virtual_pipeline_model_parallel_size)
+        set_up_layout(cfg)
         yield sc, cfg
+
+
+def set_up_layout(cfg: Config) -> None:
+    """Check cfg against the world size and make megatron's groups for its layout."""
+    errors = validate(cfg, dist.get_world_size())
+    assert not errors, errors
+    p = cfg.parallel
+    initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                              p.virtual_pipeline_model_parallel_size)
