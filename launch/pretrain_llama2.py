@@ -36,17 +36,14 @@ def check_before_start(cfg, world_size: int) -> int:
         return 2
     for w in config_mod.lint_hyperparameters(cfg):
         rank0_print(f"warning: {w}")
-    try:
-        from megallm.planner import fit_warning
+    import torch
 
-        import torch
+    from megallm.planner import fit_warning
 
-        if torch.cuda.is_available():
-            warning = fit_warning(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)
-            if warning:
-                rank0_print(f"warning: {warning}")
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        warning = fit_warning(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)
+        if warning:
+            rank0_print(f"warning: {warning}")
     if cfg.data.data_path and not cfg.data.skip_data_check and int(os.environ.get("RANK", 0)) == 0:
         from megallm.data.check import check_data
 

@@ -140,7 +140,7 @@ class MegallmWriter:
 
     def _record(self, fname: str) -> dict:
         path = self.partial / "model" / fname
-        self.files[f"model/{fname}"] = {"bytes": path.stat().st_size, "sha256": ckpt_mod._sha256(path)}
+        self.files[f"model/{fname}"] = ckpt_mod.file_record(path)
         return self.files[f"model/{fname}"]
 
     def write(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -150,7 +150,7 @@ class MegallmWriter:
 
     def copy_verified(self, src_ckpt: Path, src_meta: dict, fname: str) -> None:
         name = f"model/{fname}"
-        ckpt_mod._verify(src_ckpt, src_meta, [name])
+        ckpt_mod.verify_files(src_ckpt, src_meta, [name])
         shutil.copyfile(src_ckpt / name, self.partial / name)
         if self._record(fname)["sha256"] != src_meta["files"][name]["sha256"]:
             raise ConversionError(f"{self.partial / name}: checksum differs from {src_ckpt / name} after copying")
@@ -219,7 +219,7 @@ class MegallmReader:
     def get(self, name: str) -> torch.Tensor:
         fname = file_of(name)
         if fname != self._fname:
-            ckpt_mod._verify(self.ckpt, self.meta, [f"model/{fname}"])
+            ckpt_mod.verify_files(self.ckpt, self.meta, [f"model/{fname}"])
             self._fname, self._file = fname, safe_open(str(self.ckpt / "model" / fname), framework="pt")
         return self._file.get_tensor(name)
 

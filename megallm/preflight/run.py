@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts-out", help="write the hostnames of the nodes without FAIL here, one per line")
     p.add_argument("--profile", choices=sorted(PROFILES), help="absolute floors (default: guessed from the device)")
     p.add_argument("--min-free-memory-gb", type=float, help="free memory each device needs (default: the planner's "
-                   "need for --config, when megallm.planner exists)")
+                   "need for --config)")
     p.add_argument("--require-mount", action="append", default=[], metavar="PATH",
                    help="a mount point every node must have (repeatable)")
     p.add_argument("--nnodes", type=int, help="nodes expected (default: from torchrun's env, else 1)")
@@ -91,10 +91,8 @@ def memory_need(cfg, world: int, args) -> tuple[Optional[int], str]:
         return int(args.min_free_memory_gb * GiB), "--min-free-memory-gb"
     if cfg is None:
         return None, "no --config"
-    try:
-        from megallm.planner import memory_need_bytes
-    except ImportError:
-        return None, "megallm.planner not available"
+    from megallm.planner import memory_need_bytes
+
     p = cfg.parallel
     full = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     # A single-node preflight of a 64-GPU layout: plan for the layout's smallest world (dp = 1).

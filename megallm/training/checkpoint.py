@@ -75,6 +75,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path) -> dict:
+    """What meta.json keeps of each file, for `verify_files` to check on load."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Gathering logical tensors (collective over the tensor- and data-parallel groups)
 
@@ -179,7 +184,7 @@ def save(tr) -> Path:
     rng_path = partial / "rng" / f"rank_{rank:05d}.json"
     rng_path.write_text(json.dumps(_rng_state()))
     written[f"rng/{rng_path.name}"] = rng_path
-    hashes = {k: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in written.items()}
+    hashes = {k: file_record(p) for k, p in written.items()}
     steps = [None] * dist.get_world_size()
     all_hashes = [None] * dist.get_world_size()
     dist.all_gather_object(all_hashes, hashes)
@@ -290,7 +295,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable or truncated ({e})") from None
 
 
-def _verify(ckpt: Path, meta: dict, names: list[str]) -> None:
+def verify_files(ckpt: Path, meta: dict, names: list[str]) -> None:
     for name in names:
         path, expected = ckpt / name, meta["files"].get(name)
         if expected is None or not path.exists():
@@ -328,7 +333,7 @@ def load_model_weights(chunks, cfg, ckpt: str | Path, tp_rank: int) -> dict:
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     files = model_files_of(chunks)
-    _verify(ckpt, meta, [f"model/{f}" for f in files])
+    verify_files(ckpt, meta, [f"model/{f}" for f in files])
     model = {}
     for f in files:
         model.update(_read(ckpt / "model" / f))
@@ -348,14 +353,14 @@ def _load_from(tr, ckpt: Path, load_optimizer: bool = True) -> dict:
     files = model_files_of(tr.chunks)
     optim_files = [f"optim/{f}" for f in files if f"optim/{f}" in meta["files"]] if load_optimizer else []
     rng_name = f"rng/rank_{dist.get_rank():05d}.json"
-    _verify(ckpt, meta, optim_files)
+    verify_files(ckpt, meta, optim_files)
     if optim_files:
         moments = {}
         for f in optim_files:
             moments.update(_read(ckpt / f))
         _load_optimizer(tr, moments, meta["adam_step"], ckpt)
     if rng_name in meta["files"] and load_optimizer:
-        _verify(ckpt, meta, [rng_name])
+        verify_files(ckpt, meta, [rng_name])
         _set_rng_state(json.loads((ckpt / rng_name).read_text()))
     return meta
 

@@ -278,10 +278,8 @@ def run_info(tr: Trainer) -> dict:
 
 
 def _describe(dataset, samples: list[int]):
-    try:
-        from megallm.data.provenance import describe_samples
-    except ImportError:
-        return None
+    from megallm.data.provenance import describe_samples
+
     try:
         return describe_samples(dataset, samples)
     except (AttributeError, TypeError, NotImplementedError):
