@@ -13,9 +13,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm import config as config_mod  # noqa: E402
+from megallm import config as config_mod
 
 # Megatron's linears warn without it; one connection also keeps NCCL's TP all-reduce ordered behind
 # the GEMMs it overlaps with on GPU.

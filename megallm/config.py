@@ -2,16 +2,20 @@
 
 Field names are Megatron-LM's (`micro_batch_size`, `tensor_model_parallel_size`, ...), and a field
 `foo_bar` is set from the command line with `--foo-bar`, whatever section it lives in, so field
-names are unique across sections.
+names are unique across sections. Every field is documented by the string under it (also shown
+by `--help`), and is either read by the code or refused by validate() with the reason.
 
-    python -m megallm.config --config configs/llama2_70b.yaml --describe
+    python -m megallm.describe --config configs/llama2_70b.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -20,112 +24,211 @@ from typing import Any, Optional
 
 import yaml
 
+from megallm.data.blend import DataConfigError, parse_blend
+
 
 @dataclass
 class ModelConfig:
+    """The LLaMA2 architecture (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases)."""
+
     num_layers: int = 4
+    """Transformer layers (LLaMA2: 32 / 40 / 80 for 7B / 13B / 70B)."""
     hidden_size: int = 128
+    """Width of the residual stream (LLaMA2-70B: 8192)."""
     ffn_hidden_size: int = 352
+    """Inner width of the SwiGLU MLP (LLaMA2-70B: 28672)."""
     num_attention_heads: int = 8
+    """Query heads; hidden_size / num_attention_heads is the head size (even, for RoPE)."""
     num_query_groups: int = 2
+    """Key/value heads of grouped-query attention (LLaMA2-70B: 8; = num_attention_heads for plain
+    multi-head attention, as in LLaMA2-7B/13B)."""
     vocab_size: int = 4096
+    """Tokenizer vocabulary (LLaMA2: 32000); every token id in the data must be below it."""
     # Megatron pads the vocabulary to a multiple of this times tp; 1 keeps LLaMA2's 32000 exact
     # (32000 divides by 8), so checkpoints keep HuggingFace's shapes.
     make_vocab_size_divisible_by: int = 1
+    """Pad the embedding/output rows to a multiple of this x tensor_model_parallel_size."""
     max_position_embeddings: int = 128
+    """Longest sequence the model is built for (LLaMA2: 4096); seq_length may not exceed it."""
     norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
     rotary_base: float = 10000.0
+    """RoPE base frequency (theta)."""
     hidden_dropout: float = 0.0
+    """Dropout after attention and MLP; LLaMA2 pretrains without (0.0)."""
     attention_dropout: float = 0.0
+    """Dropout on the attention probabilities; LLaMA2 pretrains without (0.0)."""
     init_method_std: float = 0.02
+    """Std of the normal initialisation of the weights."""
     untie_embeddings_and_output_weights: bool = True
+    """LLaMA2 keeps the input embedding and the output layer as separate weights; the model
+    supports only that, so false is refused (a tied model would not match the parameter count)."""
 
     @property
     def kv_channels(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
 
+# pipeline_schedule values: which torch.distributed.pipelining schedule runs, by whether the
+# pipeline ranks hold one model chunk or several (virtual_pipeline_model_parallel_size).
+SCHEDULES_ONE_CHUNK = ("1f1b", "gpipe")
+SCHEDULES_INTERLEAVED = ("interleaved_1f1b", "zero_bubble")
+
+
 @dataclass
 class ParallelConfig:
+    """How the ranks split the model: tp x pp x dp = world size (dp is what is left)."""
+
     tensor_model_parallel_size: int = 1
+    """Ranks that split every layer's matrices (Megatron's column/row-parallel linears); flag --tp."""
     pipeline_model_parallel_size: int = 1
+    """Ranks that hold consecutive groups of layers; flag --pp."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    # 1f1b, interleaved_1f1b (needs virtual stages), or zero_bubble (torch's ZBVZeroBubble-free
-    # interleaved variant, ScheduleInterleavedZeroBubble)
-    pipeline_schedule: str = "1f1b"
+    """Model chunks per pipeline rank for the interleaved schedules (unset: one chunk); flag --vpp."""
+    pipeline_schedule: str = "auto"
+    """auto: 1f1b, or interleaved_1f1b with virtual_pipeline_model_parallel_size. One chunk per
+    rank: 1f1b or gpipe (all forwards, then all backwards). Several: interleaved_1f1b (Megatron's
+    interleaved schedule) or zero_bubble (torch's ScheduleInterleavedZeroBubble). Any other
+    combination is refused."""
     use_distributed_optimizer: bool = False
-    distributed_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    """Shard the optimizer state over the data-parallel ranks (ZeRO-1)."""
+    distributed_backend: str = "auto"
+    """auto: nccl on CUDA, gloo on CPU; or nccl, gloo."""
     distributed_timeout_minutes: int = 10
+    """How long a collective may wait for a peer before the run fails."""
+
+    @property
+    def resolved_pipeline_schedule(self) -> str:
+        if self.pipeline_schedule != "auto":
+            return self.pipeline_schedule
+        return "interleaved_1f1b" if self.virtual_pipeline_model_parallel_size else "1f1b"
 
 
 @dataclass
 class TrainingConfig:
+    """Batch sizes, sequence length and run length."""
+
     micro_batch_size: int = 1
+    """Sequences one rank runs through the model at once."""
     global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
     seq_length: int = 128
+    """Tokens per training sequence."""
     train_iters: int = 100
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
     seed: int = 1234
+    """Seed of the initialisation, the data shuffle and the synthetic data."""
     eval_interval: int = 0  # 0: no evaluation
+    """Iterations between validation losses; 0: no evaluation."""
     eval_iters: int = 4
+    """Global batches of the validation split each evaluation reads."""
     params_dtype: str = "auto"  # auto: fp32 on CPU, bf16 (fp32 master weights) on CUDA
     exit_signal_handler: bool = True
+    """Save a checkpoint (with --save) and stop cleanly on SIGTERM or SIGINT (a scheduler's preemption)."""
 
 
 @dataclass
 class OptimizerConfig:
+    """AdamW with warmup and decay of the learning rate (Megatron's OptimizerParamScheduler)."""
+
     lr: float = 3e-3
+    """Peak learning rate, reached at the end of warmup (LLaMA2-70B: 1.5e-4)."""
     min_lr: float = 3e-4
+    """Learning rate at the end of the decay (LLaMA2: lr / 10)."""
     lr_decay_style: str = "cosine"
+    """cosine, linear or constant."""
     lr_warmup_fraction: Optional[float] = None
+    """Warmup as a fraction of lr_decay_iters; overrides lr_warmup_iters when set."""
     lr_warmup_iters: int = 0
+    """Iterations of linear warmup from lr_warmup_init to lr."""
     lr_warmup_init: float = 0.0
+    """Learning rate at iteration 0."""
     lr_decay_iters: Optional[int] = None  # default: train_iters
+    """Iterations over which the learning rate decays to min_lr (default: train_iters)."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW), not applied to norms."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
     adam_beta2: float = 0.95
+    """AdamW's second-moment decay (LLaMA2: 0.95)."""
     adam_eps: float = 1e-8
+    """AdamW's epsilon."""
     clip_grad: float = 1.0
+    """Largest global gradient norm; larger gradients are scaled down to it. 0 turns clipping off
+    (as in Megatron)."""
 
 
 @dataclass
 class DataConfig:
+    """Where the training tokens come from (Megatron's indexed .bin/.idx datasets)."""
+
     # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2, ...]; empty means synthetic data
     data_path: list = field(default_factory=list)
+    """PREFIX ... or W1 PREFIX1 W2 PREFIX2 ... (a blend; weights are normalised); each PREFIX names
+    PREFIX.bin and PREFIX.idx. Empty: seeded synthetic tokens."""
     split: str = "98,2,0"
+    """Share of each dataset's documents for train,valid,test (Megatron's --split)."""
     data_cache_path: Optional[str] = None
+    """Where megatron keeps its sample index caches (default: beside the first dataset)."""
     tokenizer_model: Optional[str] = None
+    """SentencePiece model the data was tokenized with; checked against vocab_size before start."""
     exclude_samples: Optional[str] = None
+    """File of dataset sample indices never to train on (tools/spike_report.py --skip-list)."""
     skip_data_check: bool = False
-    num_workers: int = 0
+    """Skip the full token check of the data before start (existence and headers are still checked)."""
 
 
 @dataclass
 class CheckpointConfig:
+    """Saving and resuming."""
+
     save: Optional[str] = None
+    """Directory for checkpoints (iter_NNNNNNN/ and latest_checkpointed_iteration.txt)."""
     load: Optional[str] = None
+    """Checkpoint directory to resume from; a directory without checkpoints starts from scratch."""
     save_interval: int = 0
+    """Iterations between checkpoints; 0: only on a stop signal."""
     save_keep: int = 0  # 0 keeps all
+    """Newest checkpoints to keep; 0 keeps all."""
     keep_iteration: bool = False  # a model-only (converted) checkpoint starts at iteration 0
+    """Continue the iteration count of a model-only (converted) checkpoint instead of starting at 0."""
 
 
 @dataclass
 class SpikeConfig:
+    """The loss-spike detector and what it does (megallm/training/spikes.py)."""
+
     spike_action: str = "skip"  # skip | rollback | warn | stop
+    """skip the step, rollback to the last checkpoint, warn only, or stop the run."""
     spike_window: int = 128
+    """Recent accepted iterations the loss and grad-norm statistics are taken over."""
     spike_min_history: int = 32
+    """Accepted iterations in the window before any spike is called."""
     spike_zscore: float = 6.0
+    """Loss z-score above which an iteration is a spike."""
     spike_grad_zscore: float = 6.0
+    """Gradient-norm z-score above which an iteration is a spike."""
     spike_max_skips: int = 3
+    """More spikes than this within spike_skip_window iterations persist: rollback (with
+    spike_action=rollback) or re-baseline the detector (with skip)."""
     spike_skip_window: int = 50
+    """Iterations over which spike_max_skips counts."""
     spike_rollback_skip_samples: int = 0
+    """Samples a rollback steps over beyond the batch that spiked."""
     spike_max_rollbacks: int = 2
+    """Rollbacks after which the run stops."""
 
 
 @dataclass
 class LoggingConfig:
+    """Metrics files, console and TensorBoard."""
+
     log_dir: str = "runs/default"
+    """metrics.jsonl, spikes.jsonl, events.jsonl and tensorboard/ (what tools/spike_report.py reads)."""
     log_interval: int = 1
+    """Iterations between progress lines on the console."""
     tensorboard: bool = True
+    """Also write TensorBoard event files."""
 
 
 @dataclass
@@ -182,6 +285,22 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     return index
 
 
+# Fields megallm once had and no longer reads: a config naming one is refused with the reason.
+REMOVED_FIELDS = {
+    "num_workers": "megallm reads samples in the training process (no DataLoader workers); remove the field",
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string under each field of a config dataclass (torchtitan's style), for --help."""
+    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, field and rule."""
 
@@ -232,8 +351,12 @@ def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or 'parse error'})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     index = _field_index()
@@ -244,6 +367,8 @@ def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
             raise ConfigError(f"{path}: section '{section}' must be a mapping")
         for name, value in values.items():
             entry = index.get(name)
+            if name in REMOVED_FIELDS:
+                raise ConfigError(f"{path}: field '{section}.{name}' is not supported: {REMOVED_FIELDS[name]}")
             if entry is None or entry[0] != section:
                 hint = f" (it belongs in section '{entry[0]}')" if entry else ""
                 raise ConfigError(f"{path}: unknown field '{section}.{name}'{hint}")
@@ -254,16 +379,17 @@ def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, named as Megatron names it; defaults are None (= not given)."""
     parser.add_argument("--config", help="YAML config file (sections as in megallm.config.Config)")
+    docs = {name: doc for cls in _section_classes().values() for name, doc in field_docs(cls).items()}
     for name, (_, f, tp) in _field_index().items():
         flags = ["--" + name.replace("_", "-")]
         flags += ["--" + a for a, target in ALIASES.items() if target == name]
-        base = _base_type(tp)
+        base, doc = _base_type(tp), docs.get(name, "").replace("%", "%%")
         if base is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=doc)
         elif base is list:
-            parser.add_argument(*flags, dest=name, nargs="+", default=None)
+            parser.add_argument(*flags, dest=name, nargs="+", default=None, help=doc)
         else:
-            parser.add_argument(*flags, dest=name, default=None, metavar=base.__name__.upper())
+            parser.add_argument(*flags, dest=name, default=None, metavar=base.__name__.upper(), help=doc)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -280,6 +406,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overri
     index = _field_index()
     for name, value in overrides.items():
         name = ALIASES.get(name, name)
+        if name in REMOVED_FIELDS:
+            raise ConfigError(f"{where}: field '{name}' is not supported: {REMOVED_FIELDS[name]}")
         if name not in index:
             raise ConfigError(f"{where}: unknown field '{name}'")
         section, _, tp = index[name]
@@ -342,8 +470,35 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if vpp is not None:
         rule(vpp >= 2, f"virtual_pipeline_model_parallel_size={vpp}: must be at least 2 (or unset)")
         rule(pp >= 2, f"virtual_pipeline_model_parallel_size={vpp}: needs pipeline_model_parallel_size >= 2, got {pp}")
-    rule(p.pipeline_schedule in ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe"),
-         f"pipeline_schedule={p.pipeline_schedule!r}: must be one of 1f1b, interleaved_1f1b, zero_bubble, gpipe")
+    schedules = ("auto",) + SCHEDULES_ONE_CHUNK + SCHEDULES_INTERLEAVED
+    rule(p.pipeline_schedule in schedules,
+         f"pipeline_schedule={p.pipeline_schedule!r}: must be one of {', '.join(schedules)}")
+    if vpp is not None and p.pipeline_schedule in SCHEDULES_ONE_CHUNK:
+        errors.append(f"pipeline_schedule={p.pipeline_schedule}: runs one model chunk per pipeline rank, but "
+                      f"virtual_pipeline_model_parallel_size={vpp} asks for {vpp}; use --pipeline-schedule "
+                      f"interleaved_1f1b or zero_bubble, or leave --vpp unset")
+    if vpp is None and p.pipeline_schedule in SCHEDULES_INTERLEAVED:
+        errors.append(f"pipeline_schedule={p.pipeline_schedule}: interleaves several model chunks per pipeline "
+                      f"rank; set --virtual-pipeline-model-parallel-size (2 or more), or use 1f1b or gpipe")
+    rule(p.distributed_backend in ("auto", "nccl", "gloo"),
+         f"distributed_backend={p.distributed_backend!r}: must be one of auto, nccl, gloo")
+    rule(m.untie_embeddings_and_output_weights,
+         "untie_embeddings_and_output_weights=false: LLaMA2 keeps separate input embedding and output "
+         "weights and megallm's model supports only that; remove the field (or set it to true)")
+    rule(cfg.optimizer.clip_grad >= 0,
+         f"clip_grad={cfg.optimizer.clip_grad}: must be positive (the largest gradient norm), or 0 for no clipping")
+    rule(cfg.logging.log_interval >= 1, f"log_interval={cfg.logging.log_interval}: must be at least 1")
+    rule(cfg.checkpoint.save_interval >= 0, f"save_interval={cfg.checkpoint.save_interval}: must be 0 or more")
+    rule(t.eval_interval >= 0, f"eval_interval={t.eval_interval}: must be 0 (no evaluation) or more")
+    rule(t.eval_interval == 0 or t.eval_iters >= 1,
+         f"eval_iters={t.eval_iters}: must be at least 1 when eval_interval={t.eval_interval} evaluates")
+    rule(t.train_iters >= 0, f"train_iters={t.train_iters}: must be 0 or more")
+    split_error = _split_error(cfg.data.split)
+    rule(split_error is None, f"split={cfg.data.split!r}: {split_error}")
+    try:
+        parse_blend(list(cfg.data.data_path))
+    except DataConfigError as e:
+        errors.append(str(e))
     rule(t.seq_length <= m.max_position_embeddings,
          f"seq_length={t.seq_length}: must be at most max_position_embeddings={m.max_position_embeddings}")
     rule(cfg.padded_vocab_size % tp == 0,
@@ -378,6 +533,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                      f"global_batch_size={t.global_batch_size}: the interleaved schedule needs the number of "
                      f"micro-batches ({nmb}) to be a multiple of pipeline_model_parallel_size={pp}")
     return errors
+
+
+def _split_error(split: str) -> Optional[str]:
+    """Megatron's --split: up to three non-negative numbers (train, valid, test) joined by ',' or '/',
+    not all zero. None when valid, else what is wrong."""
+    parts = [s.strip() for s in re.split(r"[,/]", split)]
+    if len(parts) > 3:
+        return "expected at most three shares TRAIN,VALID,TEST (e.g. 98,2,0)"
+    try:
+        shares = [float(s) for s in parts]
+    except ValueError:
+        return "expected numbers TRAIN,VALID,TEST (e.g. 98,2,0)"
+    if any(not math.isfinite(x) or x < 0 for x in shares) or sum(shares) <= 0:
+        return "shares must be non-negative numbers and not all zero (e.g. 98,2,0)"
+    return None
 
 
 def lint_hyperparameters(cfg: Config) -> list[str]:
@@ -425,43 +595,7 @@ def parameter_count(m: ModelConfig, vocab_size: Optional[int] = None) -> int:
     return embeddings + m.num_layers * layer_parameter_count(m) + m.hidden_size
 
 
-def describe(cfg: Config, world_size: Optional[int] = None) -> str:
-    lines = [yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), ""]
-    n = parameter_count(cfg.model)
-    lines.append(f"parameters: {n:,}")
-    if cfg.padded_vocab_size != cfg.model.vocab_size:
-        lines.append(f"parameters with vocab padded to {cfg.padded_vocab_size} for "
-                     f"tp={cfg.parallel.tensor_model_parallel_size}: "
-                     f"{parameter_count(cfg.model, cfg.padded_vocab_size):,}")
-    if world_size is not None:
-        lines.append(f"data_parallel_size: {cfg.data_parallel_size(world_size)} (world size {world_size})")
-    return "\n".join(lines)
+if __name__ == "__main__":  # the README's `python -m megallm.config --describe`; megallm.describe is the CLI
+    from megallm.describe import main
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Print a resolved megallm config and its parameter count.")
-    parser.add_argument("--describe", action="store_true", help="print the resolved config and parameter count")
-    parser.add_argument("--world-size", type=int, default=None, help="also validate for this many ranks")
-    parser.add_argument("--stage", type=int, default=None, metavar="PP_RANK",
-                        help="also build this pipeline rank's chunks on the meta device (no memory) and count "
-                             "the parameters one of its tensor-parallel ranks holds")
-    cfg, args = parse_config(argv, parser)
-    errors = validate(cfg, args.world_size)
-    print(describe(cfg, args.world_size))
-    if args.stage is not None and not errors:
-        from megallm.parallel.pipeline import build_stage_on_meta
-
-        chunks = build_stage_on_meta(cfg, args.stage)
-        layers = [n for c in chunks for n in c.layer_numbers]
-        count = sum(p.numel() for c in chunks for p in c.parameters())
-        print(f"pipeline rank {args.stage}: layers {layers[0]}..{layers[-1]}, {count:,} parameters per "
-              f"tensor-parallel rank (tp={cfg.parallel.tensor_model_parallel_size}), built on the meta device")
-    for w in lint_hyperparameters(cfg):
-        print(f"warning: {w}")
-    for e in errors:
-        print(f"config error: {e}", file=sys.stderr)
-    return 2 if errors else 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

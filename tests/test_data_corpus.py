@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from data_helpers import VOCAB, corpus, data_config, data_dir, tokenizer_model, two_datasets  # noqa: F401
+from data_helpers import write_junk_dataset
 
-from megallm.data.corpus import prepare_demo_corpus, shakespeare_texts, write_junk_dataset
+from megallm.data.corpus import prepare_demo_corpus, shakespeare_texts
 from megallm.data.dataset import build_datasets
 from megallm.data.provenance import describe_samples, load_provenance
 from megallm.data.tokenizer import load_tokenizer, train_tokenizer

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import corpus, data_config, data_dir, tokenizer_model, two_datasets  # noqa: F401
+from data_helpers import write_exclude_samples
 
 from megallm.data.dataset import SyntheticDataset, build_datasets
 from megallm.data.sampler import (ExcludeListError, get_micro_batch, global_batch_indices, load_exclude_samples,
-                                  micro_batch_indices, stream_to_dataset_index, write_exclude_samples)
+                                  micro_batch_indices, stream_to_dataset_index)
 
 
 def test_exclusion_steps_over_excluded_indices():

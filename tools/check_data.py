@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.data.blend import DataConfigError  # noqa: E402
-from megallm.data.check import check_data  # noqa: E402
+from megallm.data.blend import DataConfigError
+from megallm.data.check import check_data
 
 
 def main(argv=None) -> int:

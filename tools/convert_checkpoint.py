@@ -19,15 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from megallm.checkpoint import convert  # noqa: E402
-from megallm.checkpoint.hf_config import ConversionError  # noqa: E402
-from megallm.checkpoint.hf_files import parse_size  # noqa: E402
-from megallm.config import ConfigError  # noqa: E402
-from megallm.training.checkpoint import CheckpointError, read_meta  # noqa: E402
+from megallm.checkpoint import convert
+from megallm.checkpoint.hf_config import ConversionError
+from megallm.checkpoint.hf_files import parse_size
+from megallm.config import ConfigError
+from megallm.training.checkpoint import CheckpointError, read_meta
 
 
 def parse_args(argv):

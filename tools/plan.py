@@ -15,11 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.config import parse_config  # noqa: E402
-from megallm.planner import DEVICES, RECOMPUTE, PlanError, plan, search  # noqa: E402
-from megallm.planner.report import render_plan, render_search  # noqa: E402
+from megallm.config import parse_config
+from megallm.planner import DEVICES, RECOMPUTE, PlanError, plan, search
+from megallm.planner.report import render_plan, render_search
 
 
 def main(argv=None) -> int:

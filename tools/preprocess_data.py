@@ -13,10 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.data.preprocess import PreprocessError, preprocess  # noqa: E402
-from megallm.data.tokenizer import TokenizerError  # noqa: E402
+from megallm.data.preprocess import PreprocessError, preprocess
+from megallm.data.tokenizer import TokenizerError
 
 
 def main(argv=None) -> int:

@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.report import ReportError, build_report, to_json, write_outputs, write_skip_list  # noqa: E402
-from megallm.report import text  # noqa: E402
+from megallm.report import ReportError, build_report, to_json, write_outputs, write_skip_list
+from megallm.report import text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from megallm.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ reshuffled as a whole, as it would be in any multi-epoch megatron run, and may r
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -26,7 +27,8 @@ class DataConfigError(ValueError):
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], Optional[list[float]]]:
-    """Megatron's --data-path: [PREFIX ...] or [W1, PREFIX1, W2, PREFIX2, ...] -> (prefixes, weights)."""
+    """Megatron's --data-path: [PREFIX ...] or [W1, PREFIX1, W2, PREFIX2, ...] -> (prefixes, weights).
+    Raises DataConfigError naming the flag and the expected form."""
     if not data_path:
         return [], None
 
@@ -36,16 +38,19 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], Optional[list[float]]]
         except ValueError:
             return None
 
+    given = f"--data-path {' '.join(data_path)}"
+    form = "give PREFIX ... or W1 PREFIX1 W2 PREFIX2 ... (weights before their prefixes)"
     if number(data_path[0]) is None:
         if any(number(s) is not None for s in data_path):
-            raise DataConfigError(f"--data-path {' '.join(data_path)}: weights must come before every prefix "
-                                  f"(W1 PREFIX1 W2 PREFIX2 ...), or be left out entirely")
+            raise DataConfigError(f"{given}: a weight among prefixes; {form}")
         return list(data_path), None
     if len(data_path) % 2:
-        raise DataConfigError(f"--data-path {' '.join(data_path)}: expected weight/prefix pairs, got an odd count")
+        raise DataConfigError(f"{given}: {len(data_path)} values, not weight/prefix pairs; {form}")
     for weight, prefix in zip(data_path[0::2], data_path[1::2]):
-        if number(weight) is None or number(weight) <= 0 or number(prefix) is not None:
-            raise DataConfigError(f"--data-path: '{weight} {prefix}' is not a positive weight followed by a prefix")
+        w = number(weight)
+        if w is None or not math.isfinite(w) or w <= 0 or number(prefix) is not None:
+            raise DataConfigError(f"{given}: '{weight} {prefix}' is not a positive weight followed by a prefix; "
+                                  f"{form}")
     return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
 
 

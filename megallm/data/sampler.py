@@ -57,12 +57,6 @@ def load_exclude_samples(path: str | Path) -> set[int]:
     return samples
 
 
-def write_exclude_samples(path: str | Path, samples: Iterable[int], comment: str = "") -> None:
-    """The format above, sorted; for tools that write skip lists and for tests."""
-    header = "".join(f"# {line}\n" for line in comment.splitlines())
-    Path(path).write_text(header + "".join(f"{s}\n" for s in sorted(set(int(s) for s in samples))))
-
-
 def _sorted_exclude(exclude) -> np.ndarray:
     if exclude is None:
         return np.empty(0, dtype=np.int64)

@@ -15,7 +15,6 @@ Fused weights, per tensor-parallel rank r (the weight mapping in `weight_mapping
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -199,10 +198,3 @@ def _plain_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     but still copies the output gradient to a contiguous buffer in backward: forward + backward
     took 2-31% longer than torch's linear at the tiny config's shapes on CPU (bench/RESULTS.md 1)."""
     return F.linear(input, weight, bias)
-
-
-def init_std(m: ModelConfig) -> tuple[float, float]:
-    """Megatron's init: N(0, std) and, for the layers writing into the residual stream (attention
-    output, MLP down projection), std / sqrt(2 * num_layers) so the residual's variance stays
-    bounded with depth."""
-    return m.init_method_std, m.init_method_std / math.sqrt(2.0 * m.num_layers)

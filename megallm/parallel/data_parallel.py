@@ -78,6 +78,8 @@ def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool
 
 
 def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    if max_norm <= 0:  # Megatron's --clip-grad 0: no clipping (not a multiplication by zero)
+        return
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
         for p in params:

@@ -52,16 +52,6 @@ def init_world_of_one(backend: str = "gloo") -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def new_subgroups(groups: list[list[int]], backend: str | None = None):
-    """Create every group (all ranks must call, in the same order) and return this rank's."""
-    mine = None
-    for ranks in groups:
-        group = dist.new_group(ranks, backend=backend)
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
-
-
 def initialize_model_parallel(tp: int, pp: int, vpp: int | None = None, timeout_minutes: int = 10) -> None:
     """Megatron's process groups, made on whatever backend the default group uses."""
     from megatron.core import parallel_state

@@ -10,7 +10,6 @@ from megallm.config import Config, validate
 from megallm.planner.devices import Device
 
 RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("bf16", "fp32")
 
 
 class PlanError(ValueError):
@@ -79,7 +78,7 @@ def make_layout(cfg: Config, world_size: int, device: Device, recompute: str = "
         world_size=world_size, tp=tp, pp=pp, vpp=p.virtual_pipeline_model_parallel_size or 1,
         dp=cfg.data_parallel_size(world_size), micro_batch_size=t.micro_batch_size,
         num_micro_batches=cfg.num_micro_batches(world_size), seq_length=t.seq_length,
-        schedule=p.pipeline_schedule, recompute=recompute, sequence_parallel=bool(sequence_parallel) and tp > 1,
+        schedule=p.resolved_pipeline_schedule, recompute=recompute, sequence_parallel=bool(sequence_parallel) and tp > 1,
         distributed_optimizer=p.use_distributed_optimizer, precision=resolve_precision(cfg, device, precision),
         flash_attention=flash_attention, fused_norm=device.kind == "cuda",
     )

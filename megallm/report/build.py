@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -165,7 +164,3 @@ def build_report(log_dir: str | Path, top: int = 10) -> dict:
 def skip_batches(report: dict) -> list[dict]:
     """Batches that never reached the weights (skip, rollback, stop) and whose samples are known."""
     return [s for s in report["spikes"] if s["action"] in NOT_APPLIED and s["samples"]]
-
-
-def severity_label(x: float) -> str:
-    return "non-finite" if math.isinf(x) else f"{x:.1f}"

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from megallm import __version__
 from megallm.files import atomic_write
 from megallm.model import weight_mapping as wm
-from megallm.training import faults
+from megallm.training import fault_injection as faults
 
 LATEST = "latest_checkpointed_iteration.txt"
 FORMAT = "megallm-checkpoint-v1"

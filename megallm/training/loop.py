@@ -23,7 +23,7 @@ from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
-from megallm.training import faults
+from megallm.training import fault_injection as faults
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
 from megallm.training.spikes import RollbackPolicy, SpikeDecision, SpikeDetector
@@ -66,8 +66,8 @@ class Trainer:
     iteration: int = 0
     consumed_samples: int = 0
     stop_requested: bool = False
-    records: list = field(default_factory=list)  # metrics of this process's iterations (tests read them)
-    callbacks: list = field(default_factory=list)  # f(trainer, record) after each iteration
+    # f(trainer, record) after each iteration; the loop itself keeps no history (bounded memory over any run)
+    callbacks: list = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -233,7 +233,7 @@ class Trainer:
             m.train()
         return float(np.mean(losses))
 
-    def train(self) -> list[dict]:
+    def train(self) -> None:
         """Iterate until train_iters, a stop signal, or a StopTraining."""
         from megallm.training import checkpoint
 
@@ -246,7 +246,6 @@ class Trainer:
             t = cfg.training
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.valid_ds is not None:
                 record["val_loss"] = self.evaluate()
-            self.records.append(record)
             self.logger.iteration(record)
             if self.logger.enabled and (self.iteration % cfg.logging.log_interval == 0 or record["skipped"]):
                 print(progress_line(record, t.train_iters), flush=True)
@@ -259,7 +258,6 @@ class Trainer:
                 self.logger.event("signal", self.iteration, saved=bool(cfg.checkpoint.save))
                 break
         self.logger.event("stop", self.iteration, consumed_samples=self.consumed_samples)
-        return self.records
 
 
 def run_info(tr: Trainer) -> dict:

@@ -31,6 +31,8 @@ def run(spec_path: str) -> None:
         os.environ.update(sc.get("env", {}))
         result = {}
         tr = Trainer.build(cfg, world)
+        records = []  # the loop keeps no history: collect it here
+        tr.callbacks.append(lambda _, record: records.append(record))
         try:
             if sc.get("load"):
                 result["loaded_iteration"] = checkpoint.load(tr, sc["load"])
@@ -46,11 +48,11 @@ def run(spec_path: str) -> None:
             tr.logger.close()
             for key in sc.get("env", {}):
                 os.environ.pop(key, None)
-        skipped = [r["iteration"] for r in tr.records if r["skipped"]]
+        skipped = [r["iteration"] for r in records if r["skipped"]]
         every_rank = [None] * world
         dist.all_gather_object(every_rank, skipped)  # each rank's own decisions, to compare
         if rank == 0:
-            result.update(records=tr.records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
+            result.update(records=records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
                           skipped_per_rank=every_rank)
             (out / f"{sc['name']}.json").write_text(json.dumps(result))
         dist.barrier()
