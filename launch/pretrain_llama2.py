@@ -13,8 +13,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-
 from megallm import config as config_mod
+from megallm.inputs import check_inputs, refuse
 
 # Megatron's linears warn without it; one connection also keeps NCCL's TP all-reduce ordered behind
 # the GEMMs it overlaps with on GPU.
@@ -27,12 +27,14 @@ def rank0_print(*args) -> None:
 
 
 def check_before_start(cfg, world_size: int) -> int:
-    """Config rules, hyperparameter lint, memory fit and data check; returns an exit code (0 = go)."""
-    errors = config_mod.validate(cfg, world_size)
-    for e in errors:
-        rank0_print(f"config error: {e}")
+    """Config rules, inputs, hyperparameter lint, memory fit and data check; returns an exit code
+    (0 = go). Everything up to the lint runs on every rank and gives every rank the same verdict."""
+
+    errors = [f"config error: {e}" for e in config_mod.validate(cfg, world_size)]
+    if not errors:
+        errors = [f"input error: {e}" for e in check_inputs(cfg)]
     if errors:
-        return 2
+        return refuse(errors)
     for w in config_mod.lint_hyperparameters(cfg):
         rank0_print(f"warning: {w}")
     import torch
@@ -44,29 +46,27 @@ def check_before_start(cfg, world_size: int) -> int:
         if warning:
             rank0_print(f"warning: {warning}")
     if cfg.data.data_path and not cfg.data.skip_data_check and int(os.environ.get("RANK", 0)) == 0:
+        # Reads every token: rank 0 only. The others block in init_process_group until rank 0
+        # either joins or exits, and torchrun then ends them.
         from megallm.data.check import check_data
 
-        prefixes = [p for p in cfg.data.data_path if not _is_number(p)]
-        findings = check_data(prefixes, cfg.model.vocab_size, tokenizer_model=cfg.data.tokenizer_model)
-        for f in findings:
-            print(f"data error: {f}", flush=True)
+        findings = check_data(cfg.data.data_path, cfg.model.vocab_size, tokenizer_model=cfg.data.tokenizer_model)
         if findings:
-            print("refusing to start: fix the data above (or pass --skip-data-check)", flush=True)
+            lines = [f"data error: {f}" for f in findings]
+            print("\n".join(lines + ["refusing to start: fix the data above (or pass --skip-data-check)"]),
+                  file=sys.stderr, flush=True)
             return 2
     return 0
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cfg, _ = config_mod.parse_config(argv, parser)
+    config_mod.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.config_from_args(args)
+    except config_mod.ConfigError as e:
+        return refuse([f"config error: {e}"])
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     code = check_before_start(cfg, world_size)
     if code:
@@ -95,8 +95,7 @@ def main(argv=None) -> int:
         try:
             loaded = checkpoint.load(trainer, cfg.checkpoint.load)
         except checkpoint.CheckpointError as e:
-            rank0_print(f"checkpoint error: {e}")
-            return 2
+            return refuse([f"checkpoint error: {e}"])
         rank0_print(f" resumed from {cfg.checkpoint.load} at iteration {loaded}" if loaded is not None
                     else f" no checkpoint in {cfg.checkpoint.load}: starting from scratch")
     if cfg.training.exit_signal_handler:

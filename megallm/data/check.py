@@ -148,16 +148,28 @@ def _provenance(prefix: str, index: Index) -> list[str]:
     return []
 
 
-def check_prefix(prefix: str, vocab_size: int) -> list[str]:
+def check_headers(prefix: str) -> list[str]:
+    """What can be told without reading the tokens: both files present, the index whole and
+    consistent with the .bin, and at least one document. Fast enough for every rank at launch."""
     missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
     if missing:
-        return [f"{prefix}: missing {' and '.join(missing)}"]
+        hint = " (give the prefix, without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+        return [f"{prefix}: missing {' and '.join(missing)}{hint}"]
     index, findings = read_index(prefix)
     if index is None:
         return findings
     findings = _structure(prefix, index) + _provenance(prefix, index)
+    if not findings and len(index.documents) <= 1:
+        findings = [f"{prefix}: no documents (an empty dataset); preprocess non-empty input, or drop it from "
+                    f"--data-path"]
+    return findings
+
+
+def check_prefix(prefix: str, vocab_size: int) -> list[str]:
+    findings = check_headers(prefix)
     if findings:  # token positions mean nothing in a file that does not match its index
         return findings
+    index, _ = read_index(prefix)
     return _token_range(prefix, index, vocab_size) + _empty_documents(prefix, index)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megallm import config as config_mod
+from megallm.inputs import refuse
 from megallm.preflight import checks, facts, layout as layout_mod, measure, rendezvous, report, storage
 from megallm.preflight.profiles import PROFILES, guess_profile
 
@@ -295,12 +296,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.monotonic()
     try:
         cfg = config_mod.load_yaml(args.config) if args.config else None
+        problems = [f"{args.config}: {e}" for e in config_mod.validate(cfg)] if cfg else []
         hosts = expected_hosts(args.expected_hosts)
         facts.parse_fake_versions(os.environ.get(facts.FAKE_VERSION_ENV, ""))
-    except (config_mod.ConfigError, OSError, ValueError) as e:
-        if where.local_rank == 0:
-            print(f"preflight: {e}", file=sys.stderr)
-        return 2
+    except (config_mod.ConfigError, ValueError) as e:
+        problems = [str(e)]
+    except OSError as e:  # --expected-hosts @FILE
+        problems = [f"{e.filename}: {e.strerror}" if e.filename else str(e)]
+    if problems:  # every rank returns 2; refuse() makes sure the reason is printed before any exits
+        return refuse([f"preflight: {p}" for p in problems])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", where.local_rank) if cuda else torch.device("cpu")
     launch_cpus = None if cuda else os.sched_getaffinity(0)
