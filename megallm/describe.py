@@ -44,10 +44,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     errors = validate(cfg, args.world_size)
     pp = cfg.parallel.pipeline_model_parallel_size
-    if args.stage is not None and not errors and not 0 <= args.stage < pp:
+    if args.stage is not None and not 0 <= args.stage < pp:
         errors.append(f"--stage {args.stage}: must be a pipeline rank in 0..{pp - 1}")
+    if errors:
+        print("\n".join(f"config error: {e}" for e in errors), file=sys.stderr)
+        return 2
     print(describe(cfg, args.world_size))
-    if args.stage is not None and not errors:
+    if args.stage is not None:
         from megallm.parallel.pipeline import build_stage_on_meta
 
         chunks = build_stage_on_meta(cfg, args.stage)
@@ -57,9 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"tensor-parallel rank (tp={cfg.parallel.tensor_model_parallel_size}), built on the meta device")
     for w in lint_hyperparameters(cfg):
         print(f"warning: {w}")
-    for e in errors:
-        print(f"config error: {e}", file=sys.stderr)
-    return 2 if errors else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from megallm.data.tokenizer import load_tokenizer, train_tokenizer
+from megallm.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         model = train_tokenizer(args.input, args.vocab_size, args.output_prefix, max_sentences=args.max_sentences)
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # sentencepiece reports bad settings (e.g. a vocabulary too large) this way
-        print(f"error: sentencepiece: {e}", file=sys.stderr)
+        print(f"error: sentencepiece: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     tok = load_tokenizer(model)
     print(f"wrote {model}: {tok.vocab_size} tokens (bos {tok.bos}, eos/eod {tok.eod}) "

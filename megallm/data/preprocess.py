@@ -308,6 +308,9 @@ def preprocess(inputs: Sequence[str | Path], tokenizer_model: str | Path, output
             if bar is not None:
                 bar.update(chunk_bytes)
                 bar.set_postfix_str(f"{summary.documents / (time.perf_counter() - start):,.0f} docs/s")
+        if summary.documents == 0:  # a dataset of no documents would only fail later, at training
+            raise PreprocessError(f"{', '.join(inputs)}: no documents to write ({summary.empty} empty, "
+                                  f"{summary.skipped} skipped); nothing was written")
         outputs.commit()
     except BaseException:
         stop.set()

@@ -33,7 +33,7 @@ class Tokenizer:
         try:
             self._sp.Load(self.path)
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
         digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
         # megatron hashes this into its index-cache names: the same model in another place
         # reuses the cache, a different model does not.
@@ -103,7 +103,9 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, output_prefix
     """Train a LLaMA-format BPE model (byte fallback, digits split, no normalisation) and write
     `output_prefix.model` (under a temporary name, then renamed). Same inputs, same bytes."""
     model = Path(str(output_prefix) + ".model")
-    model.parent.mkdir(parents=True, exist_ok=True)
+    if next(iter_training_text(inputs), None) is None:  # sentencepiece would only fail an internal assertion
+        raise TokenizerError(f"{', '.join(map(str, inputs))}: no text to train a tokenizer on (empty, or .jsonl "
+                             f"without a 'text' field); nothing was written")
     spm.set_random_generator_seed(seed)  # the sentence sample
     writer = io.BytesIO()  # not model_prefix=: the trainer would embed that path in the model
     spm.SentencePieceTrainer.Train(
