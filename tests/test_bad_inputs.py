@@ -284,3 +284,19 @@ def test_clip_grad_zero_means_no_clipping():
     assert p.grad.tolist() == [3.0] * 4
     clip_grads_([p], 1.0, torch.tensor(6.0))
     assert p.grad.tolist() == pytest.approx([0.5] * 4, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_refusal_reaches_the_user_under_torchrun_when_rank_0_starts_late():
+    """Every rank refuses a bad config, and the first rank to exit makes torchrun end the others:
+    with rank 0 starting 3 s late, a rank-0-only message used to be lost (a bare ChildFailedError)."""
+    from tests.launch import torchrun
+
+    for target in (["launch/pretrain_llama2.py", "--config", "configs/tiny.yaml", "--data-path", "A", "0.3", "B"],
+                   ["-m", "megallm.preflight", "--config", "nope.yaml"]):
+        proc = torchrun(2, "tests/distributed/late_rank0.py", "3", *target, timeout=300, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-3000:]
+        expect = "a weight among prefixes" if target[0] != "-m" else "preflight: nope.yaml: config file not found"
+        assert out.count(expect) == 1, out[-3000:]  # once per machine, not once per rank
+        assert f'File "{ROOT}' not in out, out[-3000:]  # no traceback from our code (torchrun prints its own)
