@@ -123,6 +123,7 @@ class TrainingConfig:
     eval_iters: int = 4
     """Global batches of the validation split each evaluation reads."""
     params_dtype: str = "auto"  # auto: fp32 on CPU, bf16 (fp32 master weights) on CUDA
+    """Compute precision (owned by the mixed-precision work; documented here so --help shows it)."""
     exit_signal_handler: bool = True
     """Save a checkpoint (with --save) and stop cleanly on SIGTERM or SIGINT (a scheduler's preemption)."""
 

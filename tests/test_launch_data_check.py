@@ -18,5 +18,5 @@ def test_training_refuses_ids_beyond_the_model_vocabulary(two_datasets, tokenize
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for f in findings:
-        assert f"data error: {f}" in proc.stdout
-    assert "refusing to start" in proc.stdout
+        assert f"data error: {f}" in proc.stderr
+    assert "refusing to start" in proc.stderr
