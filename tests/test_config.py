@@ -148,7 +148,7 @@ def test_every_field_is_documented_and_shown_by_help():
     assert missing == [], missing
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    assert "Megatron's column/row-parallel linears" in parser.format_help()
+    assert "Also write TensorBoard event files." in parser.format_help()
 
 
 def test_pipeline_schedule_auto_follows_the_virtual_pipeline_size():
