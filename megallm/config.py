@@ -552,7 +552,7 @@ def _split_error(split: str) -> Optional[str]:
 
 
 def lint_hyperparameters(cfg: Config) -> list[str]:
-    """Settings that ran but hurt real 70B runs (see shared/REFERENCE.md): warnings, not errors."""
+    """Settings that ran but hurt real 70B runs (docs/references.md#hyperparameter-pitfalls): warnings, not errors."""
     o, m = cfg.optimizer, cfg.model
     warnings = []
     if o.adam_beta2 >= 0.99:

@@ -17,7 +17,7 @@ from megallm.planner.layout import Layout
 @dataclass(frozen=True)
 class Assumptions:
     # Fraction of peak FLOP/s the model's kernels reach between communications. An 8192^3 bf16
-    # GEMM reaches 750-800 of 989 TFLOP/s on a healthy H100 (76-81%, shared/REFERENCE.md); per-rank
+    # GEMM reaches 750-800 of 989 TFLOP/s on a healthy H100 (76-81%, docs/references.md#performance); per-rank
     # GEMMs under tensor parallelism are smaller, and attention, norms, RoPE and SwiGLU run below
     # GEMM speed. Megatron's published end-to-end 52-55% MFU includes bubbles and communication.
     compute_efficiency: float = 0.6

@@ -1,6 +1,6 @@
 """Absolute floors per machine kind, and the sizes the measurements use.
 
-The H100 and A100 floors are the production pre-launch thresholds in shared/REFERENCE.md (bandwidths
+The H100 and A100 floors are the pre-launch thresholds of docs/references.md#cluster-thresholds (bandwidths
 in GB/s = 1e9 bytes/s, as nccl-tests reports them). A rank or link below its floor is FAIL whatever
 its peers do; relative stragglers are caught separately by the outlier rule in checks.py.
 The `cpu` profile exists so the whole path runs and is tested on a 2-core box: its floors sit far

@@ -1,6 +1,6 @@
 """What to change, from the config and the run; every line carries its evidence.
 
-The thresholds are the LLaMA2 recipe and the pitfalls seen in real 70B runs (shared/REFERENCE.md):
+The thresholds are the LLaMA2 recipe and the pitfalls seen in real 70B runs (docs/references.md):
 beta2 0.95, eps 1e-8, weight decay 0.1, no dropout, warmup 1% of training, lr 3e-4 at 4M-token
 batches.
 """
