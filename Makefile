@@ -14,7 +14,7 @@ NPROC_PER_NODE ?= $(shell $(PYTHON) -c "import shutil,subprocess;print(subproces
 PREFLIGHT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast preflight bench clean
+.PHONY: venv demo test test-fast lint preflight bench clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra --timeout 900 $(PYTEST_ARGS)
+
+# ruff's settings are in pyproject.toml (pycodestyle, pyflakes, import order, bugbear, pyupgrade).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -ra -m "not slow" --timeout 300 $(PYTEST_ARGS)

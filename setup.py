@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers"],
+        "test": ["pytest", "pytest-timeout", "transformers", "ruff"],
         "ft": ["nvidia-resiliency-ext==0.4.1"],
         "gpu": ["nvidia-ml-py"],
     },

@@ -381,7 +381,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, named as Megatron names it; defaults are None (= not given)."""
     parser.add_argument("--config", help="YAML config file (sections as in megallm.config.Config)")
     docs = {name: doc for cls in _section_classes().values() for name, doc in field_docs(cls).items()}
-    for name, (_, f, tp) in _field_index().items():
+    for name, (_, _, tp) in _field_index().items():
         flags = ["--" + name.replace("_", "-")]
         flags += ["--" + a for a, target in ALIASES.items() if target == name]
         base, doc = _base_type(tp), docs.get(name, "").replace("%", "%%")
@@ -503,7 +503,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     rule(t.seq_length <= m.max_position_embeddings,
          f"seq_length={t.seq_length}: must be at most max_position_embeddings={m.max_position_embeddings}")
     rule(cfg.padded_vocab_size % tp == 0,
-         f"vocab_size={m.vocab_size}: padded size {cfg.padded_vocab_size} must divide by tensor_model_parallel_size={tp}")
+         f"vocab_size={m.vocab_size}: padded size {cfg.padded_vocab_size} must divide by "
+         f"tensor_model_parallel_size={tp}")
     rule(cfg.spike.spike_action in ("skip", "rollback", "warn", "stop"),
          f"spike_action={cfg.spike.spike_action!r}: must be one of skip, rollback, warn, stop")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,

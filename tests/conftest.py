@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # configs/ and tools/ are addressed from the repo root
 # Tools and launchers run as subprocesses import megallm from this tree, whichever checkout the venv installed.
-os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+_inherited = filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_inherited])
 
 
 @pytest.fixture(scope="session")

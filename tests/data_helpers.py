@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
-
 import pytest
 
 from megallm.config import Config

@@ -11,9 +11,10 @@ import json
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -158,7 +159,8 @@ CASES = [
          "--tokenizer-model nope.model: no such file"),
     Case("tokenizer_garbage", lambda f: [*LAUNCH, "--data-path", f["good"], "--tokenizer-model", f["bad_tok"]],
          "not_a_tokenizer.model: not a SentencePiece model"),
-    Case("exclude_missing", lambda f: [*LAUNCH, "--exclude-samples", "nope.txt"], "--exclude-samples nope.txt: no such"),
+    Case("exclude_missing", lambda f: [*LAUNCH, "--exclude-samples", "nope.txt"],
+         "--exclude-samples nope.txt: no such"),
     Case("exclude_malformed", lambda f: [*LAUNCH, "--exclude-samples", f["exclude_bad"]],
          "exclude_bad.txt:2: expected a sample index"),
     # --- the launcher: checkpoint and log directories
@@ -169,7 +171,8 @@ CASES = [
     Case("load_a_file", lambda f: [*LAUNCH, "--load", f["a_file"]], "a_file: is a file"),
     Case("load_hf_dir", lambda f: [*LAUNCH, "--load", f["hf"]], "a HuggingFace checkpoint, not a megallm one"),
     Case("save_a_file", lambda f: [*LAUNCH, "--save", f["a_file"]], lambda f: f"--save {f['a_file']}: is a file"),
-    Case("log_dir_a_file", lambda f: [*LAUNCH, "--log-dir", f["a_file"]], lambda f: f"--log-dir {f['a_file']}: is a file"),
+    Case("log_dir_a_file", lambda f: [*LAUNCH, "--log-dir", f["a_file"]],
+         lambda f: f"--log-dir {f['a_file']}: is a file"),
     Case("log_dir_under_a_file", lambda f: [*LAUNCH, "--log-dir", f["a_file"] + "/run"], "cannot be created"),
     # --- tools/preprocess_data.py, tools/train_tokenizer.py, tools/check_data.py
     Case("preprocess_empty_input", lambda f: ["tools/preprocess_data.py", "--input", f["empty_jsonl"],
@@ -185,7 +188,8 @@ CASES = [
                                                 "--tokenizer-model", f["tok"], "--output-prefix", f["dir"] + "/pp2"],
          "nope.jsonl: input file not found", writes=lambda f: f["dir"] + "/pp2_text_document.bin", needs=["tokenizer"]),
     Case("preprocess_bad_tokenizer", lambda f: ["tools/preprocess_data.py", "--input", f["empty_jsonl"],
-                                                "--tokenizer-model", f["bad_tok"], "--output-prefix", f["dir"] + "/pp3"],
+                                                "--tokenizer-model", f["bad_tok"],
+                                                "--output-prefix", f["dir"] + "/pp3"],
          "not a SentencePiece model", writes=lambda f: f["dir"] + "/pp3_text_document.bin"),
     Case("tokenizer_empty_input", lambda f: ["tools/train_tokenizer.py", "--input", f["empty_txt"], "--vocab-size",
                                              "300", "--output-prefix", f["dir"] + "/tok_out/t"],
@@ -224,7 +228,8 @@ CASES = [
                                    "--gpus-per-node", "6"], "tensor_model_parallel_size=3", max_lines=4),
     Case("plan_no_nodes", lambda f: ["tools/plan.py", "--config", "configs/tiny.yaml", "--nodes", "0"],
          "--nodes and --gpus-per-node must be at least 1"),
-    Case("plan_config_missing", lambda f: ["tools/plan.py", "--config", "nope.yaml"], "nope.yaml: config file not found"),
+    Case("plan_config_missing", lambda f: ["tools/plan.py", "--config", "nope.yaml"],
+         "nope.yaml: config file not found"),
     Case("describe_bad_stage", lambda f: ["megallm.describe", "--config", "configs/tiny.yaml", "--stage", "5"],
          "--stage 5: must be a pipeline rank in 0..0", module=True),
     # --- the preflight (make preflight runs it under torchrun)

@@ -86,10 +86,10 @@ def test_megallm_and_hf_run_the_same_model(single_rank, tmp_path):
     """The HF side, given megallm's initial weights, computes the same loss on the same batch,
     and one timed iteration of each side runs."""
     import torch
+    from side_by_side import HFTrainer, hf_state_dict, timed
 
     from megallm.config import apply_overrides, load_yaml
     from megallm.training.loop import Trainer
-    from side_by_side import HFTrainer, hf_state_dict, timed
 
     cfg = apply_overrides(load_yaml(ROOT / "configs/tiny.yaml"), {
         "tensorboard": False, "log_dir": str(tmp_path), "eval_interval": 0, "global_batch_size": 4, "num_layers": 2})
@@ -108,7 +108,8 @@ def test_gpu_script_runs_on_cpu(single_rank, tmp_path):
     import gpu
 
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--tiny", "--iters", "1", "--warmup", "0", "--variants", "megallm,hf", "--json-out", str(out)]) == 0
+    argv = ["--tiny", "--iters", "1", "--warmup", "0", "--variants", "megallm,hf", "--json-out", str(out)]
+    assert gpu.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["tokens_per_iteration"] == 8 * 128  # --global-batch 8 micro-batches of seq 128
     names = [v["name"] for v in report["variants"]]

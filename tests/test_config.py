@@ -5,8 +5,16 @@ import sys
 
 import pytest
 
-from megallm.config import (Config, ConfigError, apply_overrides, lint_hyperparameters, load_yaml, parameter_count,
-                            parse_config, validate)
+from megallm.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    lint_hyperparameters,
+    load_yaml,
+    parameter_count,
+    parse_config,
+    validate,
+)
 
 RELEASED = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
 
@@ -49,7 +57,8 @@ def test_flags_override_yaml_with_megatron_names_and_aliases():
 def test_unknown_yaml_field_names_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hidden_size: 64\n  micro_batch_size: 2\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field 'model.micro_batch_size' \(it belongs in section 'training'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"bad.yaml: unknown field 'model.micro_batch_size' \(it belongs in section 'training'\)"):
         load_yaml(bad)
     bad.write_text("model:\n  hidden_size: sixty\n")
     with pytest.raises(ConfigError, match="hidden_size.*not a valid int"):
@@ -64,13 +73,16 @@ def test_bad_flag_value_exits_2(capsys):
 
 
 RULES = [
-    ({"num_attention_heads": 6, "num_query_groups": 2, "tp": 4}, "num_attention_heads=6: must be divisible by tensor_model_parallel_size=4"),
+    ({"num_attention_heads": 6, "num_query_groups": 2, "tp": 4},
+     "num_attention_heads=6: must be divisible by tensor_model_parallel_size=4"),
     ({"num_query_groups": 2, "tp": 4}, "num_query_groups=2: must be divisible by tensor_model_parallel_size=4"),
     ({"num_layers": 6, "pp": 4}, "num_layers=6: must be divisible by pipeline_model_parallel_size"),
     ({"num_layers": 4, "pp": 2, "vpp": 4}, "num_layers=4: must be divisible by pipeline_model_parallel_size x virtual"),
-    ({"global_batch_size": 12, "micro_batch_size": 2}, "global_batch_size=12: must be divisible by micro_batch_size x data-parallel size = 2 x 8"),
+    ({"global_batch_size": 12, "micro_batch_size": 2},
+     "global_batch_size=12: must be divisible by micro_batch_size x data-parallel size = 2 x 8"),
     ({"seq_length": 256}, "seq_length=256: must be at most max_position_embeddings=128"),
-    ({"tp": 3, "num_attention_heads": 6, "num_query_groups": 3, "hidden_size": 96, "ffn_hidden_size": 96}, "world size 8: must be divisible by tensor_model_parallel_size"),
+    ({"tp": 3, "num_attention_heads": 6, "num_query_groups": 3, "hidden_size": 96, "ffn_hidden_size": 96},
+     "world size 8: must be divisible by tensor_model_parallel_size"),
     ({"hidden_size": 100}, "hidden_size=100: must be divisible by num_attention_heads=8"),
     ({"num_query_groups": 3}, "num_attention_heads=8: must be divisible by num_query_groups=3"),
     ({"ffn_hidden_size": 353, "tp": 2}, "ffn_hidden_size=353: must be divisible by tensor_model_parallel_size=2"),
@@ -122,7 +134,8 @@ def test_launcher_refuses_bad_config_before_any_process_group():
 
 
 def test_70b_stage_builds_on_meta_device():
-    out = subprocess.run([sys.executable, "-m", "megallm.config", "--config", "configs/llama2_70b.yaml", "--stage", "3"],
+    out = subprocess.run([sys.executable, "-m", "megallm.describe", "--config", "configs/llama2_70b.yaml",
+                          "--stage", "3"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     # 10 layers x (855,638,016 sharded / 8 + 16,384 replicated norm weights) = 1,069,711,360
     assert "pipeline rank 3: layers 30..39, 1,069,711,360 parameters per tensor-parallel rank (tp=8)" in out

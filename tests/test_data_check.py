@@ -58,7 +58,8 @@ def test_vocabulary_smaller_than_tokenizer_names_file_and_line(small, tokenizer_
     vocab = max(ids[3]) - 1  # only document 3 holds an id this large... check the premise:
     assert [i for i, d in enumerate(ids) if max(d) >= vocab] == [3]
     findings = check_data([prefix], vocab, tokenizer_model)
-    assert findings[0].startswith(f"{tokenizer_model}: tokenizer has {VOCAB:,} tokens but the model's vocabulary is {vocab:,}")
+    assert findings[0].startswith(f"{tokenizer_model}: tokenizer has {VOCAB:,} tokens but the model's "
+                                  f"vocabulary is {vocab:,}")
     n_bad = sum(int(t >= vocab) for t in ids[3])
     assert findings[1] == (f"{prefix}: {n_bad:,} token ids >= vocab size {vocab} (largest {max(ids[3])}) "
                            f"in 1 document: document 3 ({src}:4)")

@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from data_helpers import VOCAB, corpus, data_config, data_dir, tokenizer_model, two_datasets  # noqa: F401
-from data_helpers import write_junk_dataset
+from data_helpers import VOCAB, corpus, data_config, data_dir, tokenizer_model, two_datasets, write_junk_dataset  # noqa: F401
 
 from megallm.data.corpus import prepare_demo_corpus, shakespeare_texts
 from megallm.data.dataset import build_datasets
@@ -29,11 +28,13 @@ def test_tokenizer_is_llama_format_and_deterministic(corpus, tokenizer_model, tm
 
 def test_train_tokenizer_cli(corpus, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(corpus),
-                          "--vocab-size", "600", "--output-prefix", str(tmp_path / "t")], capture_output=True, text=True)
+                          "--vocab-size", "600", "--output-prefix", str(tmp_path / "t")],
+                         capture_output=True, text=True)
     assert out.returncode == 0 and "600 tokens" in out.stdout
     assert load_tokenizer(tmp_path / "t.model").vocab_size == 600
     missing = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", "nope.txt",
-                              "--vocab-size", "600", "--output-prefix", str(tmp_path / "t")], capture_output=True, text=True)
+                              "--vocab-size", "600", "--output-prefix", str(tmp_path / "t")],
+                         capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.txt: input file not found" in missing.stderr
 
 

@@ -79,7 +79,8 @@ def test_no_data_path_gives_synthetic_data():
     cfg = Config()
     cfg.training.eval_interval = 10
     train, valid, test = build_datasets(cfg)
-    assert isinstance(train, SyntheticDataset) and len(train) == cfg.training.train_iters * cfg.training.global_batch_size
+    assert isinstance(train, SyntheticDataset)
+    assert len(train) == cfg.training.train_iters * cfg.training.global_batch_size
     assert train.seed != valid.seed
     assert describe_samples(train, [3]) == [{"sample": 3, "dataset": "synthetic", "documents": [], "sources": []}]
 

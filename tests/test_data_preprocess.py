@@ -98,8 +98,8 @@ def test_plain_text_lines_and_blocks(tokenizer_model, tmp_path):
     src.write_text("first doc line\nsecond doc\n\nthird after blank\ncontinues block\n")
     tok = load_tokenizer(tokenizer_model)
     lines = preprocess([src], tokenizer_model, tmp_path / "lines", append_eod=False)
-    assert _read_back(lines.outputs["text"])[0] == [tok.tokenize(t) for t in
-                                                    ["first doc line", "second doc", "third after blank", "continues block"]]
+    texts = ["first doc line", "second doc", "third after blank", "continues block"]
+    assert _read_back(lines.outputs["text"])[0] == [tok.tokenize(t) for t in texts]
     blocks = preprocess([src], tokenizer_model, tmp_path / "blocks", append_eod=False, txt_blocks=True)
     assert _read_back(blocks.outputs["text"])[0] == [tok.tokenize("first doc line\nsecond doc"),
                                                      tok.tokenize("third after blank\ncontinues block")]

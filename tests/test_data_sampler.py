@@ -4,12 +4,17 @@ stopped at iteration k and resumed (data-parallel 2) reads what an uninterrupted
 import numpy as np
 import pytest
 import torch
-from data_helpers import corpus, data_config, data_dir, tokenizer_model, two_datasets  # noqa: F401
-from data_helpers import write_exclude_samples
+from data_helpers import corpus, data_config, data_dir, tokenizer_model, two_datasets, write_exclude_samples  # noqa: F401
 
 from megallm.data.dataset import SyntheticDataset, build_datasets
-from megallm.data.sampler import (ExcludeListError, get_micro_batch, global_batch_indices, load_exclude_samples,
-                                  micro_batch_indices, stream_to_dataset_index)
+from megallm.data.sampler import (
+    ExcludeListError,
+    get_micro_batch,
+    global_batch_indices,
+    load_exclude_samples,
+    micro_batch_indices,
+    stream_to_dataset_index,
+)
 
 
 def test_exclusion_steps_over_excluded_indices():

@@ -216,9 +216,9 @@ def test_slow_link_flags_its_node(cluster, run_config):
     links = _status(doc, "p2p.links")
     assert links[2] == "FAIL", doc["log"]
     assert links[0] in ("PASS", "WARN") and links[1] in ("PASS", "WARN"), doc["log"]
-    slow = [l for l in doc["measurements"]["links"] if 2 in (l["src"] // NPROC, l["dst"] // NPROC)]
-    fast = [l for l in doc["measurements"]["links"] if 2 not in (l["src"] // NPROC, l["dst"] // NPROC)]
-    assert max(l["gbps"] for l in slow) < 0.0125 < min(l["gbps"] for l in fast), doc["measurements"]["links"]
+    slow = [lk for lk in doc["measurements"]["links"] if 2 in (lk["src"] // NPROC, lk["dst"] // NPROC)]
+    fast = [lk for lk in doc["measurements"]["links"] if 2 not in (lk["src"] // NPROC, lk["dst"] // NPROC)]
+    assert max(lk["gbps"] for lk in slow) < 0.0125 < min(lk["gbps"] for lk in fast), doc["measurements"]["links"]
     assert "pfnode2" not in doc["hosts"] and procs[0].returncode == 1
 
 

@@ -55,10 +55,10 @@ def test_layout_notices_tp_groups_crossing_nodes():
 def test_link_rounds_let_each_rank_send_and_receive_once():
     links = layout.plan_layout([2, 2], tp=1, pp=4).links
     rounds = layout.link_rounds(links, serial=False)
-    assert sorted(l for r in rounds for l in r) == sorted(links)
+    assert sorted(lk for r in rounds for lk in r) == sorted(links)
     for rnd in rounds:
         assert len({s for s, _ in rnd}) == len(rnd) and len({d for _, d in rnd}) == len(rnd)
-    assert layout.link_rounds(links, serial=True) == [[l] for l in links]
+    assert layout.link_rounds(links, serial=True) == [[lk] for lk in links]
 
 
 def test_node_of_rank_with_uneven_nodes():
@@ -235,8 +235,8 @@ def test_merge_rank_reports_takes_the_slowest_member():
     ranks, groups, links = run.merge_rank_reports(reports, 4, lay)
     assert ranks[1]["gemm_tflops"] == 1.1 and ranks[3]["gemm_tflops"] == "no report"
     assert groups == {"tp": [{"ranks": [0, 1], "gbps": 1.5}]}
-    assert {(l["src"], l["dst"]): l["gbps"] for l in links}[(3, 1)] == "no report"
-    assert {(l["src"], l["dst"]): l["gbps"] for l in links}[(2, 0)] == "no report"
+    assert {(lk["src"], lk["dst"]): lk["gbps"] for lk in links}[(3, 1)] == "no report"
+    assert {(lk["src"], lk["dst"]): lk["gbps"] for lk in links}[(2, 0)] == "no report"
 
 
 def test_expected_hosts_and_memory_flag(tmp_path):

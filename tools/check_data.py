@@ -9,8 +9,6 @@ names the document's source file:line. Exit status 2 on any finding (as for bad 
 import argparse
 import sys
 import time
-from pathlib import Path
-
 
 from megallm.data.blend import DataConfigError
 from megallm.data.check import check_data

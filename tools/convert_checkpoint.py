@@ -1,6 +1,7 @@
 """Convert LLaMA checkpoints between HuggingFace and megallm, or between megallm layouts.
 
-    python tools/convert_checkpoint.py --from hf --to megallm --input Llama-2-7b-hf --output ckpt/llama2_7b --tp 2 --pp 2
+    python tools/convert_checkpoint.py --from hf --to megallm --input Llama-2-7b-hf --output ckpt/llama2_7b \\
+        --tp 2 --pp 2
     python tools/convert_checkpoint.py --from megallm --to hf --input runs/x/ckpt --output llama-out --dtype bf16
     python tools/convert_checkpoint.py --from megallm --to megallm --input ckpt/a --output ckpt/b --tp 4 --pp 2 --vpp 2
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
 
 from tqdm import tqdm
 
@@ -50,7 +50,8 @@ def usage_error(args) -> str | None:
     if args.source == "hf" and args.target == "hf":
         return "--from hf --to hf: nothing to convert"
     if args.target == "hf" and any(v is not None for v in (args.tp, args.pp, args.vpp)):
-        return "--tp/--pp/--vpp describe megallm layouts; HuggingFace checkpoints have none (leave them out with --to hf)"
+        return ("--tp/--pp/--vpp describe megallm layouts; HuggingFace checkpoints have none "
+                "(leave them out with --to hf)")
     if args.target == "megallm" and args.dtype == "bf16":
         return "--dtype bf16: megallm checkpoints hold the trainer's fp32 master weights; --dtype applies to --to hf"
     return None

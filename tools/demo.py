@@ -48,7 +48,7 @@ def main() -> int:
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["loss"], min(r["loss"] for r in records[-10:])
-    print(f"[3/3] spike report", flush=True)
+    print("[3/3] spike report", flush=True)
     report_dir = run / "report"
     report = subprocess.run([sys.executable, "tools/spike_report.py", str(run), "--out-dir", str(report_dir)],
                             cwd=ROOT)

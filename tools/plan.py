@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
 
 from megallm.config import parse_config
 from megallm.planner import DEVICES, RECOMPUTE, PlanError, plan, search

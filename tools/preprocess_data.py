@@ -11,8 +11,6 @@ writes data/corpus_text_document.{bin,idx,prov.npz}. Bad lines stop with file:li
 import argparse
 import os
 import sys
-from pathlib import Path
-
 
 from megallm.data.preprocess import PreprocessError, preprocess
 from megallm.data.tokenizer import TokenizerError

@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-from megallm.report import ReportError, build_report, to_json, write_outputs, write_skip_list
-from megallm.report import text
+from megallm.report import ReportError, build_report, text, to_json, write_outputs, write_skip_list
 
 
 def main(argv: list[str] | None = None) -> int:

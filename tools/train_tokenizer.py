@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from megallm.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 

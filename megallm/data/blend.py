@@ -62,7 +62,8 @@ def dataset_key(prefix: str) -> str:
 def _segments(train_ds):
     """(mid-level datasets, dataset_index, dataset_sample_index, first index, per-dataset offsets)."""
     if isinstance(train_ds, ContinuedBlend):
-        return train_ds.datasets, train_ds.dataset_index, train_ds.dataset_sample_index, train_ds.start, train_ds.offsets
+        t = train_ds
+        return t.datasets, t.dataset_index, t.dataset_sample_index, t.start, t.offsets
     if hasattr(train_ds, "dataset_index"):  # megatron's BlendedDataset
         return train_ds.datasets, train_ds.dataset_index, train_ds.dataset_sample_index, 0, [0] * len(train_ds.datasets)
     return [train_ds], None, None, 0, [0]
@@ -101,7 +102,8 @@ class ContinuedBlend:
         weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.dataset_index = np.zeros(size, dtype=np.int16)
         self.dataset_sample_index = np.zeros(size, dtype=np.int64)
-        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(datasets), size, False)
+        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(datasets), size,
+                                       False)
         self.dataset_sample_index += np.asarray(self.offsets, dtype=np.int64)[self.dataset_index]
         for d, ds in enumerate(datasets):
             need = int(self.dataset_sample_index[self.dataset_index == d].max(initial=-1)) + 1

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -84,8 +85,10 @@ def _named(prefix: str, docs: np.ndarray) -> str:
 def _structure(prefix: str, index: Index) -> list[str]:
     itemsize = np.dtype(index.dtype).itemsize
     n_seq = len(index.lengths)
-    if len(index.documents) == 0 or index.documents[0] != 0 or index.documents[-1] != n_seq or np.any(np.diff(index.documents) < 0):
-        return [f"{prefix}.idx: document boundaries do not cover its {n_seq:,} sequences in order; re-run preprocessing"]
+    docs = index.documents
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n_seq or np.any(np.diff(docs) < 0):
+        return [f"{prefix}.idx: document boundaries do not cover its {n_seq:,} sequences in order; "
+                f"re-run preprocessing"]
     if np.any(index.lengths < 0):
         return [f"{prefix}.idx: negative sequence lengths; re-run preprocessing"]
     ends = np.cumsum(index.lengths, dtype=np.int64) * itemsize

@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-
-
 DEMO_FILE = "shakespeare.jsonl"
 DOCUMENT_CHARS = 1500  # speeches are short; a few together make a document of ~400 tokens
 

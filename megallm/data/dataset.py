@@ -50,7 +50,8 @@ def rollback_headroom(cfg) -> int:
     sp, t = cfg.spike, cfg.training
     if sp.spike_action != "rollback":
         return 0
-    per_rollback = (cfg.checkpoint.save_interval + sp.spike_skip_window) * t.global_batch_size + sp.spike_rollback_skip_samples
+    per_rollback = ((cfg.checkpoint.save_interval + sp.spike_skip_window) * t.global_batch_size
+                    + sp.spike_rollback_skip_samples)
     return sp.spike_max_rollbacks * per_rollback
 
 
@@ -83,7 +84,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict:
         if not 0 <= idx < self.size:
             raise IndexError(f"sample {idx} outside the synthetic dataset of {self.size}")
-        text = torch.from_numpy(np.random.default_rng([self.seed, int(idx)]).integers(0, self.vocab_size, self.seq_length + 1))
+        rng = np.random.default_rng([self.seed, int(idx)])
+        text = torch.from_numpy(rng.integers(0, self.vocab_size, self.seq_length + 1))
         return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.seq_length),
                 "position_ids": torch.arange(self.seq_length)}
 
@@ -151,7 +153,8 @@ def _build(cfg, tokenizer, prefixes, weights, sizes) -> tuple:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config(cfg, tokenizer, prefixes, weights))
+    config = gpt_config(cfg, tokenizer, prefixes, weights)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     with _rank_zero_if_single_process():
         datasets = builder.build()
     return tuple(ds if size and ds is not None and len(ds) else None for ds, size in zip(datasets, sizes))

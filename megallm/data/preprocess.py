@@ -23,9 +23,10 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -58,7 +59,8 @@ class PreprocessSummary:
     empty_examples: list = field(default_factory=list)
 
     def __str__(self) -> str:
-        rate = f"{self.documents / max(self.seconds, 1e-9):,.0f} docs/s, {self.bytes / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
+        seconds = max(self.seconds, 1e-9)
+        rate = f"{self.documents / seconds:,.0f} docs/s, {self.bytes / 1e6 / seconds:.1f} MB/s"
         lines = [f"{self.documents:,} documents, {self.tokens:,} tokens from {self.bytes / 1e6:.1f} MB "
                  f"in {self.seconds:.1f} s ({rate})"]
         lines += [f"wrote {p}.bin, .idx, {SUFFIX}" for p in self.outputs.values()]
@@ -180,7 +182,7 @@ def _encode_chunk(chunk: _Chunk) -> tuple[int, str, int, list[tuple[int, str, ob
     ids = iter(_worker["tok"].tokenize_batch(flat))
     encoded = {line: [next(ids) for _ in texts] for line, texts in good}
     out = []
-    for line, texts, err in decoded:
+    for line, _, err in decoded:
         if err is not None:
             out.append((line, "error", err))
             continue

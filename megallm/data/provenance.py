@@ -13,10 +13,11 @@ Datasets made elsewhere (Megatron-LM's own preprocessing) have no sidecar; their
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -25,8 +25,8 @@ JSON list of integers is accepted as well.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import torch

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Hashable, Iterable, Optional
+from typing import Optional
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 _SEVERITY = {SKIP: 0, PASS: 1, WARN: 2, FAIL: 3}
@@ -82,7 +83,8 @@ def judge(value, floor: Optional[float], outlier: Optional[str], median: Optiona
     if floor is not None and value < floor:
         return FAIL, f"{name}: {fmt(value)} {unit} < floor {fmt(floor)}"
     if outlier == "slow":
-        return FAIL, f"{name}: {fmt(value)} {unit}, {100 * (1 - value / median):.0f}% below median {fmt(median)} (straggler)"
+        return FAIL, (f"{name}: {fmt(value)} {unit}, {100 * (1 - value / median):.0f}% below median "
+                      f"{fmt(median)} (straggler)")
     if outlier == "fast":
         return fast_status, f"{name}: {fmt(value)} {unit}, {100 * (value / median - 1):.0f}% above median {fmt(median)}"
     return PASS, ""
@@ -196,13 +198,15 @@ def check_device_memory(free_bytes: dict[int, object], node_of: dict[int, int],
                         need_bytes: Optional[int]) -> list[Result]:
     """Free memory of each rank's device against the per-device need; no need known: report only.
     No straggler rule here: free memory legitimately differs, and only the need matters."""
-    threshold = f">= {fmt(need_bytes / GiB)} GiB" if need_bytes else "no need known (--config + planner, or --min-free-memory-gb)"
+    threshold = (f">= {fmt(need_bytes / GiB)} GiB" if need_bytes
+                 else "no need known (--config + planner, or --min-free-memory-gb)")
     results = []
     for node in sorted(set(node_of[r] for r in free_bytes)):
         mine = {r: v for r, v in free_bytes.items() if node_of[r] == node}
         errors = [f"rank {r}: not measured ({v})" for r, v in sorted(mine.items()) if _number(v) is None]
         values = {r: v for r, v in mine.items() if _number(v) is not None}
-        short = [f"rank {r}: {fmt(v / GiB)} GiB free" for r, v in sorted(values.items()) if need_bytes and v < need_bytes]
+        short = [f"rank {r}: {fmt(v / GiB)} GiB free" for r, v in sorted(values.items())
+                 if need_bytes and v < need_bytes]
         results.append(Result("devices.memory", node, FAIL if errors or short else PASS,
                               min(values.values()) / GiB if values else None, "GiB", threshold,
                               "; ".join(errors + short)))
@@ -239,7 +243,8 @@ def check_gpu_health(health: dict[int, Optional[list[dict]]]) -> list[Result]:
             if d.get("ecc_uncorrected"):
                 fails.append(f"gpu {i}: {d['ecc_uncorrected']} uncorrectable ECC errors")
             if d.get("remap_pending") or d.get("remap_failure"):
-                fails.append(f"gpu {i}: HBM row remap {'failed' if d.get('remap_failure') else 'pending (reset needed)'}")
+                state = "failed" if d.get("remap_failure") else "pending (reset needed)"
+                fails.append(f"gpu {i}: HBM row remap {state}")
             if d.get("throttle"):
                 warns.append(f"gpu {i}: throttled ({', '.join(d['throttle'])})")
             if d.get("xid"):
@@ -292,16 +297,16 @@ def check_links(links: list[dict], node_of: dict[int, int], floor: float, rel: f
 
     judged = {}
     for inter in (False, True):  # NVLink and network links are different populations
-        idx = [i for i, l in enumerate(links) if (node_of[l["src"]] != node_of[l["dst"]]) == inter]
+        idx = [i for i, lk in enumerate(links) if (node_of[lk["src"]] != node_of[lk["dst"]]) == inter]
         numbers = {i: links[i]["gbps"] for i in idx if _number(links[i]["gbps"]) is not None}
         flagged, med = outliers(numbers, rel), _median(numbers)
         for i in idx:
             judged[i] = judge(links[i]["gbps"], floor, flagged.get(i), med, name(i), "GB/s", fast_status=PASS)
-    numbers = {i: l["gbps"] for i, l in enumerate(links) if _number(l["gbps"]) is not None}
+    numbers = {i: lk["gbps"] for i, lk in enumerate(links) if _number(lk["gbps"]) is not None}
     threshold = _threshold(floor, "GB/s", _median(numbers), len(numbers), rel)
     results = []
     for node in sorted(set(node_of.values())):
-        mine = [i for i, l in enumerate(links) if node in (node_of[l["src"]], node_of[l["dst"]])]
+        mine = [i for i, lk in enumerate(links) if node in (node_of[lk["src"]], node_of[lk["dst"]])]
         if not mine:
             continue
         bad = [i for i in mine if judged[i][0] == FAIL]

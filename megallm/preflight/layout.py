@@ -63,8 +63,8 @@ def plan_layout(node_sizes: list[int], tp: Optional[int] = None, pp: Optional[in
     links = [(g[i], g[i + 1]) for g in groups.pipeline for i in range(len(g) - 1)]
     starts = [sum(node_sizes[:k]) for k in range(len(node_sizes))]
     if len(node_sizes) > 1:
-        links += [(starts[k] + l, starts[(k + 1) % len(node_sizes)] + l)
-                  for k in range(len(node_sizes)) for l in range(local)]
+        links += [(starts[k] + j, starts[(k + 1) % len(node_sizes)] + j)
+                  for k in range(len(node_sizes)) for j in range(local)]
     return Layout(tp, pp, groups.tensor, groups.data, list(dict.fromkeys(links)), notes, bool(spanning))
 
 

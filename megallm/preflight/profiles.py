@@ -9,16 +9,16 @@ far above what a broken one does (a 100 Mbit/s link is 0.0125 GB/s). Its outlier
 |x - median| > max(MAD, 25% of median) for the GEMM and 50% for bandwidths, not production's 10%:
 on this shared 2-core VM (load averages of 20-260 from other jobs) the best GEMM (256^3-768^3) of
 a 0.1 s turn varied by up to 25% between turns, healthy ranks' best of 30 spread over seconds still
-differed by up to 12%, and the best of 15 repetitions of a 4 MiB gloo all-reduce between two pinned ranks ranged 2.0-3.8 ms
-from burst to burst. A band inside the noise flags healthy ranks; the faults it must catch are far
-outside it (a busy node's GEMM is 40-65% below the median, a 100 Mbit/s link 99%).
+differed by up to 12%, and the best of 15 repetitions of a 4 MiB gloo all-reduce between two
+pinned ranks ranged 2.0-3.8 ms from burst to burst. A band inside the noise flags healthy ranks;
+the faults it must catch are far outside it (a busy node's GEMM is 40-65% below the median, a
+100 Mbit/s link 99%).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
-
 
 MiB = 1 << 20
 

@@ -36,7 +36,8 @@ def connect(addr: str, port: int, host: bool, timeout_s: float) -> dist.TCPStore
     except (RuntimeError, OSError) as e:  # DistNetworkError/DistStoreError derive from RuntimeError
         where = "serve" if host else "reach"
         raise MasterUnreachable(f"could not {where} the preflight store at {addr}:{port} within "
-                                f"{timeout_s:.0f} s ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                                f"{timeout_s:.0f} s ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                ) from None
 
 
 def post(store: dist.Store, key: str, value) -> None:

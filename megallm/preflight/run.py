@@ -15,18 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megallm import config as config_mod
 from megallm.inputs import refuse
-from megallm.preflight import checks, facts, layout as layout_mod, measure, rendezvous, report, storage
+from megallm.preflight import checks, facts, measure, rendezvous, report, storage
+from megallm.preflight import layout as layout_mod
 from megallm.preflight.profiles import PROFILES, guess_profile
 
 GiB = 1 << 30
@@ -198,14 +199,14 @@ def measure_rank(lay: layout_mod.Layout, rank: int, world: int, device: torch.de
 def merge_rank_reports(reports: dict[int, dict], world: int, lay: layout_mod.Layout) -> tuple[dict, dict, list]:
     """Per-rank posts -> (ranks, groups by kind, links). A group's bandwidth is its slowest
     member's (the collective is as fast as its last rank); a silent rank reads 'no report'."""
-    ranks = {r: reports[r]["rank"] if r in reports else {k: "no report" for k in ("gemm_tflops", "h2d_gbps", "free_bytes")}
-             for r in range(world)}
+    silent = {k: "no report" for k in ("gemm_tflops", "h2d_gbps", "free_bytes")}
+    ranks = {r: reports[r]["rank"] if r in reports else dict(silent) for r in range(world)}
     groups: dict[str, dict[tuple, object]] = {}
     for post in reports.values():
         for g in post["groups"]:
             seen = groups.setdefault(g["kind"], {}).get(tuple(g["ranks"]))
             groups[g["kind"]][tuple(g["ranks"])] = g["gbps"] if seen is None else min(seen, g["gbps"])
-    links = {(l["src"], l["dst"]): l["gbps"] for post in reports.values() for l in post["links"]}
+    links = {(lk["src"], lk["dst"]): lk["gbps"] for post in reports.values() for lk in post["links"]}
     return (ranks, {kind: [{"ranks": list(k), "gbps": v} for k, v in gs.items()] for kind, gs in groups.items()},
             [{"src": s, "dst": d, "gbps": links.get((s, d), "no report")} for s, d in lay.links])
 
@@ -236,7 +237,8 @@ def reachability(store, where: Where, roster: dict, lay: layout_mod.Layout, node
     """Each node connects to node 0 and its link partners; node 0 decides whether the process group
     can be built ('skipped' says why not). Returns {'reach', 'skipped'} on every process."""
     if listener:
-        partners = {node_of[r] for link in lay.links for r in link if where.node in (node_of[link[0]], node_of[link[1]])}
+        partners = {node_of[r] for link in lay.links for r in link
+                    if where.node in (node_of[link[0]], node_of[link[1]])}
         peers = {k: (roster["nodes"][str(k)]["addr"], roster["nodes"][str(k)]["port"])
                  for k in (partners | {roster["present"][0]}) - {where.node}}
         rendezvous.post(store, f"reach/{where.node}", rendezvous.probe_peers(peers, min(10.0, timeout)))
@@ -333,7 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes, offsets = rendezvous.roster_ranks(roster)
     rank, world = offsets[where.node] + where.local_rank, sum(sizes)
     node_of = {r: roster["present"][i] for r, i in layout_mod.node_of_rank(sizes).items()}
-    tp_pp = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) if cfg else (None, None)
+    tp_pp = ((cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) if cfg
+             else (None, None))
     lay = layout_mod.plan_layout(sizes, *tp_pp)
 
     # 2. Reachability, before any full-mesh connect. 3. Storage per node, then the measurements.

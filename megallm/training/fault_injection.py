@@ -43,7 +43,8 @@ def maybe_poison_gradients(params, iteration: int, consumed_before: int, global_
 
 
 def maybe_plant_junk(tokens: torch.Tensor, labels: torch.Tensor, samples, vocab_size: int):
-    ranges = [tuple(int(v) for v in item.split("-")) for item in os.environ.get("MEGALLM_PLANT_JUNK", "").split(",") if item]
+    spec = os.environ.get("MEGALLM_PLANT_JUNK", "")
+    ranges = [tuple(int(v) for v in item.split("-")) for item in spec.split(",") if item]
     if not ranges:
         return tokens, labels
     for row, sample in enumerate(int(s) for s in samples):
