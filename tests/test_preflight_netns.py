@@ -4,10 +4,11 @@ bridge, two gloo processes each, every node launched as `make preflight` launche
 the right node named:
   (a) a node never starts          (b) a node's link is slowed with tc tbf
   (c) a node runs another version  (d) the dataset is missing on a node
-  (e) a node's cores are busy (three busy loops on its core)
+  (e) a node's CPU is throttled to a quarter of a core (a cgroup CPU quota), as a node whose
+      cores another job takes; without a writable cgroup, three busy loops share its core
 Each node also gets its own hostname (UTS namespace) and, for (d), its own mount namespace.
 
-Needs root, `ip` and `tc` (iproute2), `unshare` and `taskset` (util-linux); skips otherwise.
+Needs root, `ip`, `ss` and `tc` (iproute2), `unshare` and `taskset` (util-linux); skips otherwise.
 Addresses are 10.77.0.0/24 inside namespaces this test creates, and the bridge lives in its own
 namespace too: no traffic leaves the machine and nothing in the host's network changes.
 """
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 def _why_not() -> str | None:
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
-    for tool in ("ip", "tc", "unshare", "taskset"):
+    for tool in ("ip", "ss", "tc", "unshare", "taskset"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` (apt-get install -y iproute2 util-linux)"
     probe = f"pfprobe{os.getpid()}"
@@ -85,12 +87,19 @@ class Cluster:
             _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
                 "burst", "32kbit", "latency", "400ms")
 
+    def connected(self, k: int) -> int:
+        """Node k's processes connected to node 0's preflight store: they are past their imports."""
+        out = _sh("ip", "netns", "exec", self.ns[k], "ss", "-Htn", "state", "established", "dst",
+                  self.addr[0], check=False).stdout
+        return len(out.splitlines())
+
     def clear_links(self) -> None:
         for k in range(NNODES):
             for ns, dev in ((self.ns[k], self.dev[k]), (self.sw, self.port[k])):
                 _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
 
-    def command(self, k: int, args: list[str], hide: str | None = None, cpus: str | None = None) -> list[str]:
+    def command(self, k: int, args: list[str], hide: str | None = None, cpus: str | None = None,
+                join: str | None = None) -> list[str]:
         """Node k's launch line: its own hostname and /etc/hosts (as a cluster node has), optionally
         `hide` (a dir) under an empty mount, pinned to `cpus`; torchrun --standalone per node, the
         cross-node rendezvous left to the module."""
@@ -113,16 +122,21 @@ class Cluster:
                "--no-python", "sh", "-c", worker, "sh", "--nnodes", str(NNODES), "--node-rank", str(k),
                "--master-addr", self.addr[0], "--master-port", "29611", *args]
         pin = ["taskset", "-c", cpus] if cpus else []
-        return ["ip", "netns", "exec", self.ns[k], "unshare", "--uts", "--mount", "sh", "-c",
+        # join: a cgroup's procs file, which the node's launcher (and so everything it starts) enters
+        # before `ip netns exec`, which mounts a /sys of its own without the cgroup file systems
+        enter = ["sh", "-c", f'echo $$ > {join} && exec "$@"', "sh"] if join else []
+        return [*enter, "ip", "netns", "exec", self.ns[k], "unshare", "--uts", "--mount", "sh", "-c",
                 setup + ' && exec "$@"', "sh", *pin, *run]
 
     def launch(self, args: list[str], nodes=range(NNODES), env: dict | None = None, hide: dict | None = None,
-               cpus: dict | None = None, timeout: float = 120) -> dict[int, subprocess.CompletedProcess]:
+               cpus: dict | None = None, join: dict | None = None,
+               timeout: float = 120) -> dict[int, subprocess.CompletedProcess]:
         procs = {}
         for k in nodes:
             node_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                                      "GLOO_SOCKET_IFNAME": self.dev[k]} | (env or {}).get(k, {})
-            procs[k] = subprocess.Popen(self.command(k, args, (hide or {}).get(k), (cpus or {}).get(k)), cwd=ROOT,
+            line = self.command(k, args, (hide or {}).get(k), (cpus or {}).get(k), (join or {}).get(k))
+            procs[k] = subprocess.Popen(line, cwd=ROOT,
                                         env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True)  # the node's own autogroup (see command())
         out = {}
@@ -233,10 +247,96 @@ def test_version_mismatch_and_missing_data_named(cluster, run_config):
     assert doc["hosts"] == ["pfnode0"] and procs[0].returncode == 1
 
 
+class CpuQuota:
+    """A cgroup with a CPU quota (cgroup v1 `cpu` controller or cgroup v2), or None where neither
+    is writable. The period is short (4 ms; the kernel's smallest quota is 1 ms) so that no GEMM
+    repetition (~10 ms) fits in one unthrottled stretch: a share of a core by quota, unlike a share
+    by competing busy loops, cannot be dodged by the scheduler's credit to a task that slept, nor by
+    keeping the best repetition."""
+
+    PERIOD_US = 4000
+
+    def __init__(self, name: str):
+        v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+        controllers = v2 / "cgroup.controllers"
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.dir, self.v2 = v1 / name, False
+        elif controllers.exists() and "cpu" in controllers.read_text().split():
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+            self.dir, self.v2 = v2 / name, True
+        else:
+            raise OSError("no cgroup cpu controller")
+        self.dir.mkdir()
+        self.procs = str(self.dir / "cgroup.procs")
+        # Inside a cgroup a task leaves its autogroup, and with it the -20 the other nodes' processes
+        # get (Cluster.command): the highest weight gives the node the same standing until the quota.
+        if self.v2:
+            (self.dir / "cpu.weight").write_text("10000")
+        else:
+            (self.dir / "cpu.shares").write_text("262144")
+
+    @classmethod
+    def make(cls, name: str) -> CpuQuota | None:
+        try:
+            return cls(name)
+        except OSError:
+            return None
+
+    def limit(self, share: float) -> None:
+        quota = int(self.PERIOD_US * share)
+        if self.v2:
+            (self.dir / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            (self.dir / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def remove(self) -> None:
+        for _ in range(50):  # empty once the node's processes are reaped
+            try:
+                self.dir.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
 def test_busy_node_is_a_compute_straggler(cluster, run_config):
-    # node 2 and three busy loops share core 1 (a competing job); nodes 0 and 1 have core 0
-    hogs = [subprocess.Popen(["taskset", "-c", "1", "sh", "-c", f"echo {NICE} > /proc/self/autogroup; while :; do :; done"],
-                             start_new_session=True) for _ in range(3)]
+    """Node 2 gets a quarter of a core once it has started (starting at that pace would miss the
+    rendezvous deadline), nodes 0 and 1 share the other core: node 2's GEMM is ~75% below the median
+    whatever else the machine runs, far outside the cpu profile's 25% band."""
+    quota = CpuQuota.make(f"pfbusy{os.getpid()}")
+    if quota is None:
+        return _busy_loops_straggler(cluster, run_config)
+
+    started = []
+
+    def throttle_when_started() -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if cluster.connected(2) >= NPROC:
+                started.append(time.monotonic())
+                break
+            time.sleep(0.2)
+        quota.limit(0.25)
+
+    watcher = threading.Thread(target=throttle_when_started, daemon=True)
+    watcher.start()
+    try:
+        doc, procs, _ = _preflight(cluster, run_config, "busy", cpus={0: "0", 1: "0", 2: "1"}, join={2: quota.procs})
+    finally:
+        watcher.join()
+        quota.remove()
+    assert started, "node 2 never connected to node 0's store"
+    assert _status(doc, "compute.gemm") == {0: "PASS", 1: "PASS", 2: "FAIL"}, doc["log"]
+    assert "straggler" in " ".join(doc["bad_nodes"]["2"])
+    print("gemm TFLOP/s by rank:", {r: v["gemm_tflops"] for r, v in doc["measurements"]["ranks"].items()})
+
+
+def _busy_loops_straggler(cluster, run_config) -> None:
+    """Without a cgroup: node 2 and three busy loops share core 1 (a competing job); nodes 0 and 1
+    have core 0. Weaker under outside load: a GEMM woken from a barrier may run a repetition before
+    the loops get the core back."""
+    loop = f"echo {NICE} > /proc/self/autogroup; while :; do :; done"
+    hogs = [subprocess.Popen(["taskset", "-c", "1", "sh", "-c", loop], start_new_session=True) for _ in range(3)]
     try:
         doc, procs, _ = _preflight(cluster, run_config, "busy", cpus={0: "0", 1: "0", 2: "1"})
     finally:
