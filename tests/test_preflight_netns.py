@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -86,12 +85,6 @@ class Cluster:
         for ns, dev in ((self.ns[k], self.dev[k]), (self.sw, self.port[k])):
             _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
                 "burst", "32kbit", "latency", "400ms")
-
-    def connected(self, k: int) -> int:
-        """Node k's processes connected to node 0's preflight store: they are past their imports."""
-        out = _sh("ip", "netns", "exec", self.ns[k], "ss", "-Htn", "state", "established", "dst",
-                  self.addr[0], check=False).stdout
-        return len(out.splitlines())
 
     def clear_links(self) -> None:
         for k in range(NNODES):
@@ -180,11 +173,13 @@ def run_config(tmp_path_factory):
     return {"root": root, "config": cfg, "data": data}
 
 
-def _preflight(cluster, run_config, name: str, **kw) -> tuple[dict, dict, float]:
+def _preflight(cluster, run_config, name: str, timeout: float = TIMEOUT, launch_timeout: float = 120,
+               **kw) -> tuple[dict, dict, float]:
     out = run_config["root"] / f"{name}.json"
     start = time.monotonic()
-    procs = cluster.launch(["--config", str(run_config["config"]), "--timeout", str(TIMEOUT),
-                            "--json-out", str(out), "--hosts-out", str(out.with_suffix(".hosts"))], **kw)
+    procs = cluster.launch(["--config", str(run_config["config"]), "--timeout", str(timeout),
+                            "--json-out", str(out), "--hosts-out", str(out.with_suffix(".hosts"))],
+                           timeout=launch_timeout, **kw)
     took = time.monotonic() - start
     log = "\n".join(f"--- node {k} rc={p.returncode}\n{p.stdout[-4000:]}" for k, p in procs.items())
     assert out.exists(), f"node 0 wrote no report\n{log}"
@@ -300,32 +295,19 @@ class CpuQuota:
 
 
 def test_busy_node_is_a_compute_straggler(cluster, run_config):
-    """Node 2 gets a quarter of a core once it has started (starting at that pace would miss the
-    rendezvous deadline), nodes 0 and 1 share the other core: node 2's GEMM is ~75% below the median
-    whatever else the machine runs, far outside the cpu profile's 25% band."""
+    """Node 2 runs on a quarter of a core from its start (a cgroup CPU quota), nodes 0 and 1 share
+    the other core: node 2's GEMM is ~70% below the median whatever else the machine runs, far
+    outside the cpu profile's 25% band. At that pace node 2 needs longer to start, hence the longer
+    rendezvous deadline of this case."""
     quota = CpuQuota.make(f"pfbusy{os.getpid()}")
     if quota is None:
         return _busy_loops_straggler(cluster, run_config)
-
-    started = []
-
-    def throttle_when_started() -> None:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if cluster.connected(2) >= NPROC:
-                started.append(time.monotonic())
-                break
-            time.sleep(0.2)
-        quota.limit(0.25)
-
-    watcher = threading.Thread(target=throttle_when_started, daemon=True)
-    watcher.start()
+    quota.limit(0.25)
     try:
-        doc, procs, _ = _preflight(cluster, run_config, "busy", cpus={0: "0", 1: "0", 2: "1"}, join={2: quota.procs})
+        doc, procs, _ = _preflight(cluster, run_config, "busy", timeout=60, cpus={0: "0", 1: "0", 2: "1"},
+                                   join={2: quota.procs}, launch_timeout=300)
     finally:
-        watcher.join()
         quota.remove()
-    assert started, "node 2 never connected to node 0's store"
     assert _status(doc, "compute.gemm") == {0: "PASS", 1: "PASS", 2: "FAIL"}, doc["log"]
     assert "straggler" in " ".join(doc["bad_nodes"]["2"])
     print("gemm TFLOP/s by rank:", {r: v["gemm_tflops"] for r, v in doc["measurements"]["ranks"].items()})
