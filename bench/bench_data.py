@@ -18,8 +18,6 @@ import warnings
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 
 from megallm.config import Config  # noqa: E402
