@@ -235,8 +235,8 @@ CASES = [
     # --- the preflight (make preflight runs it under torchrun)
     Case("preflight_config_missing", lambda f: ["megallm.preflight", "--config", "nope.yaml"],
          "preflight: nope.yaml: config file not found", module=True),
-    Case("preflight_config_invalid", lambda f: ["megallm.preflight", "--config", f["tied"]],
-         "untie_embeddings_and_output_weights=false", module=True),
+    Case("preflight_config_unknown_field", lambda f: ["megallm.preflight", "--config", f["unknown_field"]],
+         "unknown field 'model.hidden_sise'", module=True),
     Case("preflight_hosts_file_missing", lambda f: ["megallm.preflight", "--expected-hosts", "@nope.txt"],
          "nope.txt", module=True),
 ]
