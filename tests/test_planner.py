@@ -125,6 +125,7 @@ def test_bubble_and_micro_batches_in_flight(cfg70):
     # Korthikanti's L(1 + (p-1)/(pv)) = 80 x (1 + 7/40) = 94.
     assert chunks_in_flight(inter.layout, 0) == 47 and inter.stages[0].layers == "0-1,16-17,32-33,48-49,64-65"
     cfg70.parallel.pipeline_model_parallel_size, cfg70.parallel.virtual_pipeline_model_parallel_size = 1, None
+    cfg70.parallel.pipeline_schedule = "auto"  # interleaved without virtual stages is refused
     assert plan(cfg70, 64).bubble_fraction == 0.0
 
 
