@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     finally:
         trainer.logger.close()
     rank0_print(f" logs: {Path(cfg.logging.log_dir).resolve()}")
+    # Without the barrier a rank that finishes first tears down its gloo pairs while a peer's
+    # worker threads still use them, and the peer dies at exit with SIGABRT (seen in CI).
+    dist.barrier()
     dist.destroy_process_group()
     return code
 
