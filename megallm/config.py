@@ -69,6 +69,9 @@ class TrainingConfig:
     eval_iters: int = 4
     params_dtype: str = "auto"  # auto: fp32 on CPU, bf16 (fp32 master weights) on CUDA
     exit_signal_handler: bool = True
+    # Megatron's --bf16: bf16 parameters and activations, fp32 main grads, masters and Adam moments;
+    # the same as params_dtype bf16 (which is what params_dtype auto picks on CUDA)
+    bf16: bool = False
 
 
 @dataclass
@@ -321,6 +324,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     }
     for name, value in positive.items():
         rule(value >= 1, f"{name}={value}: must be at least 1")
+    rule(t.params_dtype in ("auto", "fp32", "bf16"),
+         f"params_dtype={t.params_dtype!r}: must be auto, fp32 or bf16 (fp16 would need loss scaling, which megallm lacks)")
     if errors:
         return errors
     rule(m.hidden_size % m.num_attention_heads == 0,

@@ -46,7 +46,7 @@ class Layout:
 
 def resolve_precision(cfg: Config, device: Device, precision: Optional[str] = None) -> str:
     """params_dtype 'auto' means bf16 on CUDA and fp32 on CPU, as megallm.platform decides."""
-    requested = precision or cfg.training.params_dtype
+    requested = precision or ("bf16" if cfg.training.bf16 else cfg.training.params_dtype)
     if requested == "auto":
         return "bf16" if device.kind == "cuda" else "fp32"
     if requested in ("bf16", "fp16"):  # fp16 keeps the same bytes as bf16
