@@ -13,7 +13,6 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def _ps():

@@ -129,6 +129,11 @@ class DistributedOptimizer:
         return self.optimizer.param_groups
 
     @property
+    def state(self) -> dict:
+        """Adam's state per master piece (empty until the first step or a load)."""
+        return self.optimizer.state
+
+    @property
     def params(self) -> list[nn.Parameter]:
         return [p for buf in self.buffers for p, _, _ in buf.index]
 

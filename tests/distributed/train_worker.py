@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/distributed/train_worker.py SPEC.json
 
 SPEC: {"config": "configs/tiny.yaml", "out": DIR, "scenarios": [{"name": ..., "overrides": {...},
-       "load": DIR?, "save_final": bool?, "env": {...}?}, ...]}
+       "load": DIR?, "save_final": bool?, "env": {...}?, "perturb_weights": float?, "watch_step": int?},
+       ...]}  (perturb_weights, watch_step: see precision_checks.py)
 Rank 0 writes DIR/<name>.json with the per-iteration records; a scenario that raises writes
 {"error": message} and the launch goes on with the next scenario.
 """
@@ -20,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megallm.training import checkpoint  # noqa: E402
 from megallm.training.loop import StopTraining, Trainer  # noqa: E402
+from tests.distributed import precision_checks  # noqa: E402
 from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
 
 
@@ -31,6 +33,9 @@ def run(spec_path: str) -> None:
         os.environ.update(sc.get("env", {}))
         result = {}
         tr = Trainer.build(cfg, world)
+        if sc.get("perturb_weights"):
+            precision_checks.perturb(tr, sc["perturb_weights"])
+        watched = precision_checks.watch_one_step(tr, sc["watch_step"]) if sc.get("watch_step") else None
         try:
             if sc.get("load"):
                 result["loaded_iteration"] = checkpoint.load(tr, sc["load"])
@@ -49,6 +54,9 @@ def run(spec_path: str) -> None:
         skipped = [r["iteration"] for r in tr.records if r["skipped"]]
         every_rank = [None] * world
         dist.all_gather_object(every_rank, skipped)  # each rank's own decisions, to compare
+        if watched is not None:
+            result["watched_step"] = [None] * world
+            dist.all_gather_object(result["watched_step"], watched)
         if rank == 0:
             result.update(records=tr.records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
                           skipped_per_rank=every_rank)
