@@ -75,3 +75,25 @@ def watch_one_step(tr, iteration: int) -> dict:
 
     tr.callbacks.append(after)
     return result
+
+
+def watch_unchanged(tr, iteration: int) -> dict:
+    """Whether the weights, fp32 masters and Adam moments after `iteration` equal, bit for bit,
+    those before it (what a skipped iteration must leave)."""
+    result = {}
+
+    def state():
+        opt = tr.optimizer
+        return [t.detach().clone() for t in [*tr.params, *opt.master_tensors(), *opt.state_tensors()]]
+
+    def after(trainer, record):
+        if trainer.iteration == iteration - 1:
+            result["before"] = state()
+        elif trainer.iteration == iteration:
+            before = result.pop("before")
+            now = state()
+            result["unchanged"] = len(before) == len(now) and all(torch.equal(a, b) for a, b in zip(before, now))
+            result["tensors"] = len(now)
+
+    tr.callbacks.append(after)
+    return result

@@ -3,8 +3,8 @@
     torchrun --nproc-per-node N tests/distributed/train_worker.py SPEC.json
 
 SPEC: {"config": "configs/tiny.yaml", "out": DIR, "scenarios": [{"name": ..., "overrides": {...},
-       "load": DIR?, "save_final": bool?, "env": {...}?, "perturb_weights": float?, "watch_step": int?},
-       ...]}  (perturb_weights, watch_step: see precision_checks.py)
+       "load": DIR?, "save_final": bool?, "env": {...}?, "perturb_weights": float?, "watch_step": int?,
+       "unchanged_step": int?}, ...]}  (the last three: see precision_checks.py)
 Rank 0 writes DIR/<name>.json with the per-iteration records; a scenario that raises writes
 {"error": message} and the launch goes on with the next scenario.
 """
@@ -36,6 +36,8 @@ def run(spec_path: str) -> None:
         if sc.get("perturb_weights"):
             precision_checks.perturb(tr, sc["perturb_weights"])
         watched = precision_checks.watch_one_step(tr, sc["watch_step"]) if sc.get("watch_step") else None
+        if sc.get("unchanged_step"):
+            watched = precision_checks.watch_unchanged(tr, sc["unchanged_step"])
         try:
             if sc.get("load"):
                 result["loaded_iteration"] = checkpoint.load(tr, sc["load"])
