@@ -2,6 +2,7 @@
 data-parallel engine next to the path it replaced (torch DDP + ZeroRedundancyOptimizer).
 
     PYTHONPATH=. python bench/comm_bytes.py          # -> bench/results/comm_bytes.md (+ .json)
+    PYTHONPATH=. python bench/comm_bytes.py --from-json   # the markdown again from that .json
 
 One 8-rank torchrun launch (bench/comm_worker.py) of configs/tiny.yaml; the counts come from
 megallm.parallel.comm_stats, which wraps the torch.distributed calls for one measured iteration.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -96,18 +98,16 @@ def table(headers, rows) -> str:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    import platform
-
     import torch
 
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now, node = results["_measured"]["date"], results["_measured"]["node"]
     dp_headers = ["path", "layout", "weights", "grad bytes sent", "param bytes sent", "total",
                   "minimum (4 + w) P (dp-1)/dp", "ratio"]
     group_headers = ["group/collective", "calls", "payload bytes", "sent bytes", "analytical", "ratio"]
     text = [
         "# Bytes per collective per rank per iteration",
         "",
-        f"`PYTHONPATH=. python bench/comm_bytes.py` on {platform.node()} ({platform.processor() or 'cpu'}), "
+        f"`PYTHONPATH=. python bench/comm_bytes.py` on {node}, "
         f"{now}, torch {torch.__version__}, gloo, 8 ranks, configs/tiny.yaml (4 layers, h 128, "
         "vocab 4096, global batch 16 x 128 tokens). Counted by megallm.parallel.comm_stats around one "
         "iteration (the second); sent bytes are what one rank puts on the wire under ring algorithms "
@@ -123,6 +123,11 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         table(dp_headers, dp_rows(results)),
         "",
+        "Every data-parallel figure of megallm's engine is the bandwidth-optimal one (the few extra "
+        "bytes: the 16-byte loss all-reduce). At tp 2 pp 2 dp 2, bf16 also halves the tensor- and "
+        "pipeline-parallel bytes against the fp32 path (tables below: tp 2,359,296 against 4,718,592, "
+        "pp 262,144 against 524,288 on rank 0): the activations and the stage-to-stage tensors are bf16.",
+        "",
     ]
     for name, _, _, what in SCENARIOS:
         if name in ("engine_zero_bf16_tp2_pp2_dp2", "ddp_zero_tp2_pp2_dp2", "engine_zero_bf16_dp8"):
@@ -136,9 +141,14 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        results = launch(Path(tmp))
     out = ROOT / "bench" / "results"
+    if "--from-json" in sys.argv:  # re-render the markdown from the last run's counts
+        results = json.loads((out / "comm_bytes.json").read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = launch(Path(tmp))
+        results["_measured"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                "node": f"{platform.node()} ({platform.processor() or 'cpu'})"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "comm_bytes.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, out / "comm_bytes.md")

@@ -133,8 +133,10 @@ def test_bf16_distributed_optimizer_tracks_fp32(all_runs):
     print(f"bf16 loss gap {bf16_gap:.3g}, fp32 noise floor {noise:.3g}")
     assert 0 < noise < 1e-5
     assert noise < bf16_gap < 1e-3
-    losses = [r["loss"] for r in run["records"]]
-    assert losses[-1] < losses[0] - 0.1  # it trains: the comparison is not between two flat lines
+    # the runs are not flat: the synthetic batches are random tokens, so the loss stays near
+    # ln(4096) = 8.32, but it moves by 1e-2 from batch to batch, 100x the bf16 gap
+    losses = [r["loss"] for r in ref["fp32_long"]["records"]]
+    assert max(losses) - min(losses) > 100 * bf16_gap
 
 
 def test_bf16_masters_step_as_torch_adamw(all_runs):
