@@ -120,7 +120,9 @@ class DistributedOptimizer:
         groups = [{"params": [x.master for x in self.pieces if x.param.ndim >= 2], "wd_mult": 1.0},
                   {"params": [x.master for x in self.pieces if x.param.ndim < 2], "wd_mult": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, foreach=foreach, **adam_kwargs)
-        self.main_params_are_copies = any(x.master is not x.model for x in self.pieces)
+        # decided by dtype, not by this rank's pieces: a rank whose share is all padding holds none,
+        # and the checkpoint's collectives need the same answer on every rank
+        self.main_params_are_copies = self.buffers[0].params.dtype != torch.float32
         self.steps = 0  # optimizer steps taken, equal on every rank (a rank may hold no piece)
 
     # -- what the scheduler and the checkpoint see ------------------------------------------------
