@@ -32,6 +32,12 @@ def params_dtype(requested: str = "auto") -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
+def resolved_params_dtype(cfg) -> torch.dtype:
+    """The dtype a run's parameters and activations have: --bf16 (Megatron's flag) wins over
+    params_dtype. Gradients are accumulated, reduced and stepped in fp32 whatever this says."""
+    return torch.bfloat16 if cfg.training.bf16 else params_dtype(cfg.training.params_dtype)
+
+
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None

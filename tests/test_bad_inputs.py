@@ -285,9 +285,9 @@ def test_clip_grad_zero_means_no_clipping():
     assert validate(apply_overrides(Config(), {"clip_grad": 0}), 1) == []
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 3.0)
-    clip_grads_([p], 0.0, torch.tensor(6.0))
+    clip_grads_([p.grad], 0.0, torch.tensor(6.0))
     assert p.grad.tolist() == [3.0] * 4
-    clip_grads_([p], 1.0, torch.tensor(6.0))
+    clip_grads_([p.grad], 1.0, torch.tensor(6.0))
     assert p.grad.tolist() == pytest.approx([0.5] * 4, rel=1e-5)
 
 

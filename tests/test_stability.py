@@ -30,6 +30,10 @@ def runs(tmp_path_factory):
          "overrides": LAYOUT | {"tp": 1, "pp": 4, "train_iters": 6, "log_dir": str(tmp / "log_cross")}},
         {"name": "nan_one_rank", "env": {"MEGALLM_INJECT_NAN": "5:3"},
          "overrides": LAYOUT | {"train_iters": 5, "log_dir": str(tmp / "log_nan")}},
+        # bf16 + distributed optimizer: the skip leaves bf16 weights, fp32 masters and moments as they were
+        {"name": "nan_one_rank_bf16_zero1", "env": {"MEGALLM_INJECT_NAN": "5:3"}, "unchanged_step": 3,
+         "overrides": LAYOUT | {"train_iters": 4, "bf16": True, "use_distributed_optimizer": True,
+                                "log_dir": str(tmp / "log_nan_bf16")}},
         {"name": "rollback", "env": {"MEGALLM_INJECT_NAN": bad},
          "overrides": LAYOUT | {"train_iters": 20, "save": str(tmp / "ckpt_rb"), "save_interval": 5,
                                 "spike_action": "rollback", "spike_max_skips": 3, "spike_skip_window": 50,
@@ -66,6 +70,15 @@ def test_nan_on_one_rank_skips_on_all_ranks(runs):
     assert recs[3]["lr"] == recs[2]["lr"]  # the schedule did not advance on the skip
     spikes = [json.loads(l) for l in (tmp / "log_nan" / "spikes.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in spikes] == [3] and spikes[0]["samples"] == list(range(32, 48))
+
+
+def test_skip_leaves_bf16_weights_masters_and_moments_untouched(runs):
+    _, r = runs
+    run = r["nan_one_rank_bf16_zero1"]
+    assert [x["skipped"] for x in run["records"]] == [False, False, True, False]
+    assert all(skipped == [3] for skipped in run["skipped_per_rank"])
+    for rank, w in enumerate(run["watched_step"]):
+        assert w["unchanged"] and w["tensors"] > 0, rank
 
 
 def test_persistent_spikes_roll_back_and_move_past_the_bad_data(runs):

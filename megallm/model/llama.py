@@ -23,6 +23,7 @@ from torch import nn
 
 from megallm import platform
 from megallm.config import Config, ModelConfig
+from megallm.model.norm import RMSNorm, make_norm  # noqa: F401  (RMSNorm re-exported)
 
 
 def _tensor_parallel():
@@ -31,25 +32,6 @@ def _tensor_parallel():
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     return tensor_parallel, ModelParallelConfig
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 like the reference implementation."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-def make_norm(dim: int, eps: float) -> nn.Module:
-    fused = platform.fused_rms_norm()
-    return fused(dim, eps=eps) if fused is not None else RMSNorm(dim, eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -133,9 +115,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
         super().__init__()
-        self.input_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+        self.input_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
         self.self_attention = Attention(m, mp_config, tp, init_method, output_init_method, tp_group)
-        self.post_attention_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+        self.post_attention_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
         self.mlp = MLP(m, mp_config, tp, init_method, output_init_method, tp_group)
         self.hidden_dropout = m.hidden_dropout
 
@@ -159,10 +141,11 @@ class LlamaChunk(nn.Module):
         tensor_parallel, ModelParallelConfig = _tensor_parallel()
         m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
         # Weights are filled afterwards from layout-independent values (see init_weights), so
-        # megatron's own initialisation is skipped.
+        # megatron's own initialisation is skipped. Parameters are created in the training precision
+        # (bf16 under --bf16: the fp32 masters live in the optimizer, megallm.parallel.distributed_optimizer).
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp, use_cpu_initialization=(device is None or device.type != "cuda"),
-            perform_initialization=False, params_dtype=torch.float32, sequence_parallel=False)
+            perform_initialization=False, params_dtype=platform.resolved_params_dtype(cfg), sequence_parallel=False)
         noop = lambda w: w  # noqa: E731
         self.first_layer, self.pre_process, self.post_process = first_layer, pre_process, post_process
         self.layer_numbers = list(range(first_layer, first_layer + num_layers))
@@ -171,7 +154,7 @@ class LlamaChunk(nn.Module):
                 cfg.padded_vocab_size, m.hidden_size, init_method=noop, config=mp_config, tp_group=tp_group)
         self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop, tp_group) for _ in self.layer_numbers)
         if post_process:
-            self.final_layernorm = make_norm(m.hidden_size, m.norm_epsilon)
+            self.final_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=noop, bias=False,
                 gather_output=False, tp_group=tp_group)

@@ -1,6 +1,6 @@
 """Data parallelism and the reductions that make every rank see the same numbers.
 
-- DDP (torch) over the data-parallel group; ZeRO-1 through torch's ZeroRedundancyOptimizer.
+- The gradient reduction itself lives with the optimizer (megallm.parallel.distributed_optimizer).
 - The global gradient norm over tensor, pipeline and data parallel ranks, counting parameters that
   are replicated across tensor-parallel ranks (the RMSNorm weights) once.
 - The global loss: mean over micro-batches and data-parallel ranks, made on the last pipeline
@@ -13,8 +13,6 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 def _ps():
@@ -23,68 +21,48 @@ def _ps():
     return parallel_state
 
 
-def wrap_data_parallel(chunks: list[nn.Module], interleaved: bool) -> list[nn.Module]:
-    group = _ps().get_data_parallel_group()
-    if group.size() == 1:
-        # A group of one has nothing to reduce; DDP would still copy every gradient into its
-        # buckets and back (measured 1.6% of a tiny-config iteration) and hold 4 B/param for them.
-        return chunks
-    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-    # find_unused_parameters: the interleaved schedule runs a chunk's backward in several passes
-    # and DDP's reducer otherwise fails on the second step ("rebuilt params size").
-    # broadcast_buffers=False: the only buffers are RoPE frequencies, equal everywhere.
-    return [DistributedDataParallel(c, process_group=group, device_ids=device_ids, broadcast_buffers=False,
-                                    find_unused_parameters=interleaved) for c in chunks]
-
-
-def zero1_optimizer(param_groups: list[dict], optimizer_class, **defaults):
-    """ZeRO-1: each data-parallel rank keeps the Adam moments of a 1/dp share of the parameters."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class,
-                                   process_group=_ps().get_data_parallel_group(), **defaults)
-
-
 def is_tensor_parallel_unique(p: torch.Tensor) -> bool:
     """True for a parameter whose values this rank alone holds (a shard), or the tp-rank-0 copy of a
     replicated one: the set of parameters that makes up the model exactly once per tp group."""
     return bool(getattr(p, "tensor_model_parallel", False)) or _ps().get_tensor_model_parallel_rank() == 0
 
 
-def global_grad_norm(params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool]:
-    """L2 norm of the whole model's gradient, and whether any rank of this model replica (its
-    tp x pp group) holds a NaN/Inf gradient.
+def global_grad_norm(grads: Iterable[tuple[torch.Tensor, bool]], group,
+                     extra_finite_check: Iterable[tuple[torch.Tensor, bool]] = ()) -> tuple[torch.Tensor, bool]:
+    """L2 norm of the whole model's gradient, and whether any rank of `group` holds a NaN/Inf.
 
-    After DDP's all-reduce the data-parallel replicas hold equal gradients, so the norm sums over
-    the model-parallel (tp x pp) group only, counting replicated parameters on tp rank 0. The
-    non-finite flag looks at every local gradient, replicated ones included: a NaN in tp rank 1's
-    copy of a norm weight is outside the norm but would still poison that rank's weights. The flag
-    rides in the norm's all-reduce; global_loss carries it on to the other replicas."""
-    grads = [(p.grad, is_tensor_parallel_unique(p)) for p in params if p.grad is not None]
+    grads: (reduced gradient, counted) pairs that, summed over `group`, cover the model exactly
+    once where counted is True; tensor-parallel-replicated parameters are counted on tp rank 0
+    only (is_tensor_parallel_unique). Without a distributed optimizer the data-parallel replicas
+    hold equal gradients and `group` is the model-parallel (tp x pp) group; with one, each rank
+    passes its share and `group` is the whole world (None). The non-finite flag looks at every
+    tensor given, uncounted ones and `extra_finite_check` included: a NaN in tp rank 1's copy of a
+    norm weight is outside the norm but would still poison that rank's weights. The flag rides in
+    the norm's all-reduce; global_loss carries it on to the other replicas."""
+    grads = list(grads)
     device = grads[0][0].device if grads else torch.device("cpu")
     counted = torch.zeros((), dtype=torch.float64, device=device)
-    replicated = torch.zeros((), dtype=torch.float64, device=device)
-    for g, unique in grads:
+    uncounted = torch.zeros((), dtype=torch.float64, device=device)
+    for g, unique in [*grads, *[(t, False) for t, _ in extra_finite_check]]:
         # accumulated in float64 inside the reduction, without a float64 copy of the gradient (7x faster)
         sq = torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()
         if unique:
             counted += sq
         else:
-            replicated += sq
-    local_nonfinite = (~torch.isfinite(counted + replicated)).double()
+            uncounted += sq
+    local_nonfinite = (~torch.isfinite(counted + uncounted)).double()
     packed = torch.stack([counted, local_nonfinite])  # [sum of squares, ranks with a NaN/Inf]
-    dist.all_reduce(packed, group=_ps().get_model_parallel_group())
+    dist.all_reduce(packed, group=group)
     return packed[0].sqrt().float(), bool(packed[1] > 0)
 
 
-def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
     if max_norm <= 0:  # Megatron's --clip-grad 0: no clipping (not a multiplication by zero)
         return
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        for g in grads:
+            g.mul_(coef)
 
 
 def global_loss(local_losses: Optional[list[torch.Tensor]], device: torch.device,

@@ -13,7 +13,6 @@ Chunk v of pipeline rank r is virtual stage s = v * pp + r and holds layers
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -77,8 +76,10 @@ def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[Lla
 class PipelineRunner:
     """Forward and backward of one global batch's micro-batches on this rank.
 
-    Gradients are those of the mean loss over the rank's micro-batches (torch's `scale_grads`),
-    and torch pipelining already wraps all but the last micro-batch's backward in DDP's no_sync.
+    Gradients are those of the summed micro-batch losses; `microbatch_divisor` says what the
+    optimizer divides them by to get the mean. Stage-to-stage tensors take the dtype of the
+    activations (torch pipelining infers shapes and dtypes from the first micro-batch): bf16
+    under --bf16.
     """
 
     def __init__(self, chunks: list[nn.Module], cfg: Config, n_microbatches: int,
@@ -102,10 +103,10 @@ class PipelineRunner:
         schedule = cfg.parallel.pipeline_schedule
         if cfg.parallel.virtual_pipeline_model_parallel_size:
             cls = pipelining.ScheduleInterleavedZeroBubble if schedule == "zero_bubble" else pipelining.ScheduleInterleaved1F1B
-            self.schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
+            self.schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
         else:
             cls = pipelining.ScheduleGPipe if schedule == "gpipe" else pipelining.Schedule1F1B
-            self.schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
+            self.schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
         self.first = pp_rank == 0
         self.last = pp_rank == self.pp - 1
         self.micro_batch_size, self.seq_length = cfg.training.micro_batch_size, cfg.training.seq_length
@@ -115,26 +116,23 @@ class PipelineRunner:
         """One discarded step on a batch of zeros. torch.distributed.pipelining's first step on a
         new schedule differs in the last bits from its later steps (measured at tp 2 x pp 2 x dp 2:
         the last stage's gradients), so without it a resumed run would not repeat an uninterrupted
-        one exactly. Gradients are dropped; no optimizer state is touched.
-
-        DDP is held in no_sync for it. The schedule's first step infers shapes with a forward that
-        torch runs outside no_sync, which arms DDP's reducer: the first micro-batch's backward would
-        then all-reduce and record DDP's bucket order, and the last one records it again. When the
-        first stage runs all its forwards before any backward (micro-batches <= pipeline size), no
-        forward rebuilds the buckets in between and DDP's "rebuilt parameter indices size" assert
-        fires at the next step. The last backward still syncs (pipelining calls the reducer itself)."""
+        one exactly. It runs before the optimizer exists (no main-grad hooks yet), in the training
+        precision; gradients are dropped and no optimizer state is touched."""
         if self.schedule is None:
             return
         zeros = torch.zeros(self.n_microbatches * self.micro_batch_size, self.seq_length, dtype=torch.long,
                             device=self.device)
-        with ExitStack() as no_sync:
-            for chunk in self.chunks:
-                if hasattr(chunk, "no_sync"):
-                    no_sync.enter_context(chunk.no_sync())
-            self.step(zeros, zeros)
+        self.step(zeros, zeros)
         for chunk in self.chunks:
             for p in chunk.parameters():
                 p.grad = None
+
+    @property
+    def microbatch_divisor(self) -> int:
+        """What the accumulated gradients still have to be divided by: the schedules sum the
+        micro-batches' gradients (scale_grads=False, because the main-grad hooks take p.grad away
+        before torch could scale it); without a pipeline each micro-batch's loss is divided."""
+        return 1 if self.schedule is None else self.n_microbatches
 
     def step(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[list[torch.Tensor]]:
         """tokens/labels: [n_microbatches * micro_batch_size, seq]. Returns the micro-batch losses
@@ -162,12 +160,9 @@ class PipelineRunner:
     def _step_without_pipeline(self, tokens, labels):
         (model,) = self.chunks
         losses = []
-        for i, (x, y) in enumerate(zip(tokens.chunk(self.n_microbatches), labels.chunk(self.n_microbatches))):
-            sync = i == self.n_microbatches - 1
-            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else nullcontext()
-            with ctx:
-                loss = self.loss_fn(model(x), y)
-                (loss / self.n_microbatches).backward()
+        for x, y in zip(tokens.chunk(self.n_microbatches), labels.chunk(self.n_microbatches)):
+            loss = self.loss_fn(model(x), y)
+            (loss / self.n_microbatches).backward()
             losses.append(loss.detach())
         return losses
 

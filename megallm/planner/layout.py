@@ -32,7 +32,7 @@ class Layout:
     distributed_optimizer: bool  # ZeRO-1: optimizer state (and fp32 master weights) sharded over dp
     precision: str  # bf16: Megatron mixed precision; fp32: everything fp32 (megallm on CPU)
     flash_attention: bool  # attention scores never stored (SDPA's flash kernels, on GPU and CPU)
-    fused_norm: bool  # RMSNorm saves input and 1/rms only (apex/TE); torch's saves 3 tensors
+    fused_norm: bool  # RMSNorm saves input and 1/rms only (megallm.model.norm, apex, TE); torch's saves 3 tensors
 
     @property
     def act_bytes(self) -> int:
@@ -45,7 +45,7 @@ class Layout:
 
 def resolve_precision(cfg: Config, device: Device, precision: Optional[str] = None) -> str:
     """params_dtype 'auto' means bf16 on CUDA and fp32 on CPU, as megallm.platform decides."""
-    requested = precision or cfg.training.params_dtype
+    requested = precision or ("bf16" if cfg.training.bf16 else cfg.training.params_dtype)
     if requested == "auto":
         return "bf16" if device.kind == "cuda" else "fp32"
     if requested in ("bf16", "fp16"):  # fp16 keeps the same bytes as bf16
@@ -80,5 +80,5 @@ def make_layout(cfg: Config, world_size: int, device: Device, recompute: str = "
         num_micro_batches=cfg.num_micro_batches(world_size), seq_length=t.seq_length,
         schedule=p.resolved_pipeline_schedule, recompute=recompute, sequence_parallel=bool(sequence_parallel) and tp > 1,
         distributed_optimizer=p.use_distributed_optimizer, precision=resolve_precision(cfg, device, precision),
-        flash_attention=flash_attention, fused_norm=device.kind == "cuda",
+        flash_attention=flash_attention, fused_norm=True,  # megallm.model.norm on CPU, apex/TE on CUDA
     )

@@ -57,16 +57,17 @@ def stage_parameters(cfg: Config, layout: Layout) -> list[StageParameters]:
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes per parameter of each model-state component, before any ZeRO sharding.
+    """Bytes per parameter of each model-state component, before any ZeRO sharding, as megallm's
+    engine (megallm.parallel.distributed_optimizer) holds them.
 
-    bf16 (Megatron's mixed precision, 18 B/param): bf16 weight 2, fp32 gradient 4 (Megatron's
-    main_grad buffer, which is also what the data-parallel all-reduce works on), fp32 master
+    bf16 (Megatron's mixed precision, 18 B/param): bf16 weight 2, fp32 main grad 4 (the flat grad
+    buffer the data-parallel reduction works on in place, so no separate buckets), fp32 master
     weight 4, Adam m 4 and v 4. The distributed optimizer shards master + Adam over d data-parallel
     ranks: 6 + 12/d.
-    fp32 (megallm on CPU: fp32 weights, torch DDP, torch AdamW, 20 B/param): weight 4, .grad 4, the
-    DDP reducer's flat bucket 4 (separate from .grad: gradient_as_bucket_view is off; none at
-    dp 1, where megallm does not wrap in DDP), Adam 8. ZeRO-1 (torch's ZeroRedundancyOptimizer)
-    shards only Adam: 12 + 8/d.
+    fp32 (16 B/param): weight 4, main grad 4, Adam 8; the fp32 weights are their own masters.
+    With the distributed optimizer: 8 + 8/d.
+    The flat buffers are padded to a multiple of d elements per model chunk (under d elements,
+    not counted here); p.grad exists only between a micro-batch's backward and its hook.
     """
 
     weights: int
@@ -82,14 +83,13 @@ class StateBytes:
 
 STATE_BYTES = {
     "bf16": StateBytes(weights=2, gradients=4, grad_buckets=0, master_weights=4, optimizer=8),
-    "fp32": StateBytes(weights=4, gradients=4, grad_buckets=4, master_weights=0, optimizer=8),
+    "fp32": StateBytes(weights=4, gradients=4, grad_buckets=0, master_weights=0, optimizer=8),
 }
 
 
 def model_state_bytes(parameters: int, layout: Layout) -> dict[str, int]:
-    """Per-component bytes for `parameters` held by one GPU; ZeRO-1 divides master weights and
-    Adam moments by dp (evenly: Megatron splits the flat buffer exactly; torch's ZeRO splits by
-    whole tensors, within a few percent of even for these models)."""
+    """Per-component bytes for `parameters` held by one GPU; the distributed optimizer divides
+    master weights and Adam moments by dp (evenly: it cuts the flat buffer into equal shares)."""
     b = STATE_BYTES[layout.precision]
     d = layout.dp if layout.distributed_optimizer else 1
     parts = {

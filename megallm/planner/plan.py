@@ -185,9 +185,11 @@ def fit_warning(cfg: Config, world_size: int, device_memory_bytes: int, device: 
 
 
 def predicted_rank_memory(cfg: Config, world_size: int, rank: int) -> dict:
-    """What one rank of a CPU run (fp32, torch DDP + AdamW, no recompute) holds, for comparison
-    with its measured memory. Rank order is Megatron's: rank = tp_rank + tp*(dp_rank + dp*pp_rank)."""
-    p = plan(cfg, world_size, "cpu", precision="fp32", **_as_run(cfg))
+    """What one rank of a CPU run (fp32, or bf16 with --bf16 / params_dtype bf16; megallm's
+    data-parallel engine; no recompute) holds, for comparison with its measured memory. Rank order
+    is Megatron's: rank = tp_rank + tp*(dp_rank + dp*pp_rank)."""
+    bf16 = cfg.training.bf16 or cfg.training.params_dtype == "bf16"
+    p = plan(cfg, world_size, "cpu", precision="bf16" if bf16 else "fp32", **_as_run(cfg))
     layout = p.layout
     pp_rank = rank // (layout.tp * layout.dp)
     st = p.stages[pp_rank]

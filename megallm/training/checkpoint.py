@@ -85,18 +85,29 @@ def file_record(path: Path) -> dict:
 
 
 def _adam_moments(optimizer) -> dict[int, dict]:
-    """id(param) -> {"exp_avg", "exp_avg_sq", "step"} for every parameter of this model-parallel
-    rank, on data-parallel rank 0 (ZeRO-1 first gathers its shards there)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.consolidate_state_dict(to=0)
-        if _ps().get_data_parallel_rank() != 0:
-            return {}
-        state = optimizer.state_dict()["state"]
-        return {id(p): state[i] for i, p in enumerate(params) if i in state}
-    return {id(p): optimizer.state[p] for p in params if p in optimizer.state}
+    """id(param) -> {"exp_avg", "exp_avg_sq", "step"} (and "main_param", the fp32 master, under
+    bf16) for every parameter of this model-parallel rank, on data-parallel rank 0: each rank's
+    ranges from the optimizer's sharded_state, summed over data parallel (the ranges are
+    disjoint, so the sum assembles them)."""
+    shards, scalars = optimizer.sharded_state()
+    if scalars["step"] == 0 and not optimizer.main_params_are_copies:
+        return {}
+    keys = (["exp_avg", "exp_avg_sq"] if scalars["step"] > 0 else []) + (
+        ["main_param"] if optimizer.main_params_are_copies else [])
+    mine: dict[int, list] = {}
+    for shard in shards:
+        mine.setdefault(id(shard.param), []).append(shard)
+    group, out = _ps().get_data_parallel_group(), {}
+    for p in optimizer.params:
+        state = {"step": scalars["step"]} if scalars["step"] > 0 else {}
+        for key in keys:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            for shard in mine.get(id(p), []):
+                full[shard.start:shard.end] = shard.tensors[key]
+            dist.all_reduce(full, group=group)
+            state[key] = full.view_as(p)
+        out[id(p)] = state
+    return out if _ps().get_data_parallel_rank() == 0 else {}
 
 
 def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, Optional[float]]:
@@ -104,7 +115,7 @@ def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, 
     ps = _ps()
     tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    has_state = torch.tensor(1.0 if moments else 0.0)
+    has_state = torch.tensor(1.0 if any("exp_avg" in m for m in moments.values()) else 0.0)
     dist.all_reduce(has_state, op=dist.ReduceOp.MAX, group=tp_group)
     model_files, optim_files, step = {}, {}, None
 
@@ -118,8 +129,12 @@ def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, 
 
     for chunk in chunks:
         for name, param, parts in wm.local_parameters(chunk):
-            logical = wm.to_logical(gather(param), parts, cfg)
             state = moments.get(id(param))
+            # under bf16 the fp32 master is the checkpoint's weight (the bf16 copy is rounded)
+            logical = wm.to_logical(gather(state["main_param"] if state and "main_param" in state else param),
+                                    parts, cfg)
+            if state is not None and "exp_avg" not in state:
+                state = None
             if has_state.item() > 0 and ps.get_data_parallel_rank() == 0:
                 # Every tp rank of dp rank 0 joins the gather; a rank without state for this
                 # parameter (no step taken yet) sends zeros.
@@ -350,6 +365,7 @@ def is_model_only(meta: dict) -> bool:
 
 def _load_from(tr, ckpt: Path, load_optimizer: bool = True) -> dict:
     meta = load_model_weights(tr.chunks, tr.cfg, ckpt, _ps().get_tensor_model_parallel_rank())
+    tr.optimizer.reload_masters_from_params()  # bf16 masters: replaced below when the optimizer state loads
     files = model_files_of(tr.chunks)
     optim_files = [f"optim/{f}" for f in files if f"optim/{f}" in meta["files"]] if load_optimizer else []
     rng_name = f"rng/rank_{dist.get_rank():05d}.json"
@@ -382,31 +398,33 @@ def _tensor(tensors: dict, name: str, ckpt: Path) -> torch.Tensor:
 
 
 def _load_optimizer(tr, moments: dict, step: float, ckpt: Path) -> None:
-    """Rebuild a full (unsharded over data parallel) optimizer state dict for this model-parallel
-    rank's parameters; ZeroRedundancyOptimizer keeps its own share of it."""
+    """Hand the optimizer, through its sharded-state contract, the ranges it holds of this
+    model-parallel rank's moments (and, under bf16, of the fp32 weights as its masters)."""
     tp_rank = _ps().get_tensor_model_parallel_rank()
-    by_id = {}
-    for chunk in tr.chunks:
-        for _, param, parts in wm.local_parameters(chunk):
-            def piece(suffix):
-                tensors = []
-                for p in parts:
-                    key = p.logical + suffix
-                    if key not in moments:
-                        raise CheckpointError(f"{ckpt / 'optim' / file_of(p.logical)}: no tensor '{key}'")
-                    t = moments[key]
-                    tensors.append(wm.pad_vocab(t, tr.cfg.padded_vocab_size) if p.logical in wm.VOCAB_TENSORS else t)
-                return wm.shard(tensors, [p.dim for p in parts], tp_rank, tr.cfg.parallel.tensor_model_parallel_size)
+    names = {id(param): parts for chunk in tr.chunks for _, param, parts in wm.local_parameters(chunk)}
+    model = {}
+    if tr.optimizer.main_params_are_copies:
+        for f in model_files_of(tr.chunks):
+            model.update(_read(ckpt / "model" / f))
+    cache: dict[tuple[int, str], torch.Tensor] = {}
 
-            by_id[id(param)] = {"step": torch.tensor(step, dtype=torch.float32),
-                                "exp_avg": piece(".exp_avg").to(param.device).clone(),
-                                "exp_avg_sq": piece(".exp_avg_sq").to(param.device).clone()}
-    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
-    groups, index = [], 0
-    for g in tr.optimizer.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(index, index + len(g["params"])))})
-        index += len(g["params"])
-    tr.optimizer.load_state_dict({"state": {i: by_id[id(p)] for i, p in enumerate(params)}, "param_groups": groups})
+    def local(param, suffix: str, tensors: dict, sub: str) -> torch.Tensor:
+        pieces = []
+        for p in names[id(param)]:
+            key = p.logical + suffix
+            if key not in tensors:
+                raise CheckpointError(f"{ckpt / sub / file_of(p.logical)}: no tensor '{key}'")
+            t = tensors[key]
+            pieces.append(wm.pad_vocab(t, tr.cfg.padded_vocab_size) if p.logical in wm.VOCAB_TENSORS else t)
+        return wm.shard(pieces, [p.dim for p in names[id(param)]], tp_rank, tr.cfg.parallel.tensor_model_parallel_size)
+
+    def read(param, start: int, end: int, key: str) -> torch.Tensor:
+        if (id(param), key) not in cache:
+            cache[(id(param), key)] = (local(param, "", model, "model") if key == "main_param"
+                                       else local(param, "." + key, moments, "optim")).float().reshape(-1)
+        return cache[(id(param), key)][start:end]
+
+    tr.optimizer.load_sharded_state(read, {"step": int(step or 0)})
 
 
 def _apply_meta(tr, meta: dict) -> None:

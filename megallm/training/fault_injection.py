@@ -37,8 +37,9 @@ def maybe_poison_gradients(params, iteration: int, consumed_before: int, global_
                else int(when) == iteration)
         if hit:
             for p in params:
-                if p.grad is not None:
-                    p.grad.view(-1)[0] = float("nan")
+                grad = getattr(p, "main_grad", p.grad)  # the fp32 gradient the optimizer steps from
+                if grad is not None:
+                    grad.view(-1)[0] = float("nan")
                     return
 
 

@@ -1,6 +1,7 @@
 """One training iteration, top to bottom, and the loop around it.
 
-    batch -> pipeline forward/backward (DDP all-reduces gradients) -> global loss, global grad norm
+    batch -> pipeline forward/backward (fp32 main grads) -> reduce over data parallel
+          -> global loss, global grad norm
           -> spike decision (identical on every rank) -> clip + AdamW step + LR step, or skip
           -> metrics; checkpoint; maybe rollback
 
@@ -22,6 +23,7 @@ from megallm.config import Config
 from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
+from megallm.parallel.distributed_optimizer import DistributedOptimizer
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
 from megallm.training import fault_injection as faults
 from megallm.training.metrics import MetricsLogger, progress_line
@@ -53,9 +55,9 @@ class Trainer:
     world_size: int
     device: torch.device
     chunks: list[nn.Module]  # this rank's model chunks, unwrapped
-    model: list[nn.Module]  # the same, wrapped in DDP
+    model: list[nn.Module]  # the same chunks (data parallelism lives in the optimizer's buffers)
     runner: PipelineRunner
-    optimizer: torch.optim.Optimizer
+    optimizer: DistributedOptimizer
     scheduler: object
     detector: SpikeDetector
     policy: RollbackPolicy
@@ -79,11 +81,10 @@ class Trainer:
         tp_rank = ps.get_tensor_model_parallel_rank()
         for chunk in chunks:
             weight_mapping.init_weights(chunk, cfg, tp_rank)
-        interleaved = cfg.parallel.virtual_pipeline_model_parallel_size is not None
-        model = dp_utils.wrap_data_parallel(chunks, interleaved)
+        model = chunks
         runner = PipelineRunner(model, cfg, cfg.num_micro_batches(world_size), loss_fn, device)
         runner.warmup()
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg)  # moves the parameters into its flat buffers
         if datasets is None:
             from megallm.data.dataset import build_datasets
             from megallm.training.checkpoint import resume_data_state
@@ -135,18 +136,17 @@ class Trainer:
         """One iteration: forward/backward of the global batch, then update or skip on every rank alike."""
         cfg, start = self.cfg, time.perf_counter()
         faults.maybe_hang(self.iteration + 1)
-        for p in self.params:
-            p.grad = None
+        self.optimizer.zero_grad()
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            losses = self.runner.step(tokens, labels)
+        losses = self.runner.step(tokens, labels)  # in the parameters' precision: no autocast
+        self.optimizer.reduce_gradients(self.runner.microbatch_divisor)
         faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
                                       cfg.training.global_batch_size)
 
         # Every rank gets the same loss, grad norm and "some rank has a NaN/Inf gradient" flag (the
         # flag rides in the norm's and the loss's collectives), so every rank takes the same
         # decision from the same inputs and keeps the same detector state.
-        norm, replica_nonfinite = dp_utils.global_grad_norm(self.params)
+        norm, replica_nonfinite = self.optimizer.grad_norm()
         loss, any_nonfinite = dp_utils.global_loss(losses, self.device, replica_nonfinite)
         grad_norm = float(norm)
         spike_start = time.perf_counter()  # the detector's own cost: its statistics
@@ -155,11 +155,8 @@ class Trainer:
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
 
-        if skip:
-            for p in self.params:
-                p.grad = None
-        else:
-            dp_utils.clip_grads_(self.params, cfg.optimizer.clip_grad, torch.tensor(grad_norm))
+        if not skip:  # a skipped iteration leaves weights, masters and moments untouched
+            self.optimizer.clip_(cfg.optimizer.clip_grad, grad_norm)
             self.optimizer.step()
             self.scheduler.step(increment=1)
             if not decision.spike:

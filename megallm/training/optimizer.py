@@ -1,7 +1,9 @@
 """AdamW under Megatron's OptimizerParamScheduler (linear warmup, then cosine or linear decay).
 
-Norm weights (1-D) get no weight decay, as in Megatron. The scheduler counts optimizer steps, not
-iterations: a skipped iteration does not advance the learning-rate schedule.
+Norm weights (1-D) get no weight decay, as in Megatron. The optimizer is megallm's
+DistributedOptimizer (fp32 main grads, optional ZeRO-1 sharding of masters and moments). The
+scheduler counts optimizer steps, not iterations: a skipped iteration does not advance the
+learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -10,30 +12,22 @@ import torch
 from torch import nn
 
 from megallm.config import Config, warmup_iters
-from megallm.parallel.data_parallel import zero1_optimizer
+from megallm.parallel.distributed_optimizer import DistributedOptimizer
 
 
-def param_groups(chunks: list[nn.Module]) -> list[dict]:
-    params = [p for c in chunks for p in c.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "wd_mult": 1.0},
-        {"params": [p for p in params if p.ndim < 2], "wd_mult": 0.0},
-    ]
-
-
-def build_optimizer(chunks: list[nn.Module], cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(chunks: list[nn.Module], cfg: Config) -> DistributedOptimizer:
+    """AdamW over fp32 main grads (and fp32 masters under bf16); with --use-distributed-optimizer
+    each data-parallel rank keeps and steps a contiguous 1/dp of them (ZeRO-1)."""
     o = cfg.optimizer
-    kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
-    # foreach=False keeps the update bitwise independent of how parameters are grouped and
-    # partitioned (ZeRO-1 puts different parameter sets on each rank): the layout-equivalence
-    # tests rely on it, and on CPU the fused/foreach paths win nothing measurable.
-    kwargs["foreach"] = torch.cuda.is_available()
-    if cfg.parallel.use_distributed_optimizer:
-        return zero1_optimizer(param_groups(chunks), torch.optim.AdamW, **kwargs)
-    return torch.optim.AdamW(param_groups(chunks), **kwargs)
+    # foreach=False makes the update elementwise, so bitwise independent of how the flat buffer is
+    # cut into per-rank pieces: the layout-equivalence tests rely on it, and on CPU the
+    # fused/foreach paths win nothing measurable.
+    return DistributedOptimizer(chunks, cfg.parallel.use_distributed_optimizer, foreach=torch.cuda.is_available(),
+                                lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                weight_decay=o.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+def build_scheduler(optimizer, cfg: Config):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optimizer
@@ -52,5 +46,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     )
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
+def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])

@@ -7,8 +7,9 @@ SPEC: {"config": ..., "out": DIR, "scenarios": [{"name": ..., "overrides": {...}
 Rank 0 writes DIR/<name>.json: {"ranks": [{"measured": {...}, "predicted": {...}}, ...]}.
 
 Measured, by tensor storage (so views and shared buffers count once):
-- parameters and model state after the step: weights, .grad, DDP's gradient buckets (as DDP's
-  own logging reports their sizes), the optimizer's per-parameter state (ZeRO-1: this rank's share).
+- parameters and model state after the step: weights, gradients (the fp32 main-grad buffer, or
+  .grad), DDP's gradient buckets where DDP is used (as its own logging reports their sizes), the
+  optimizer's per-parameter state and fp32 master copies (distributed optimizer: this rank's share).
 - activations: the peak, over the pipeline schedule's whole forward/backward, of the bytes that
   autograd holds for backward (saved_tensors_hooks), parameters and buffers excluded. A saved
   tensor is released when autograd drops its graph node, which the hooks see through a holder
@@ -82,6 +83,8 @@ def storage_bytes(tensors) -> int:
 
 
 def optimizer_state(optimizer) -> list[torch.Tensor]:
+    if hasattr(optimizer, "state_tensors"):  # megallm's DistributedOptimizer: this rank's share
+        return optimizer.state_tensors()
     local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's share in .optim
     return [v for state in local.state.values() for v in state.values() if torch.is_tensor(v)]
 
@@ -98,10 +101,13 @@ def measure(tr: Trainer) -> dict:
     with meter.hooks():
         record = tr.train_step()
     assert meter.current == 0, f"{meter.current} saved bytes still held after backward"
-    weights, grads = storage_bytes(params), storage_bytes(p.grad for p in params)
+    # main_grad: the fp32 flat grad buffer (p.grad is dropped by the accumulation hook)
+    weights, grads = storage_bytes(params), storage_bytes(getattr(p, "main_grad", p.grad) for p in params)
+    masters = storage_bytes(tr.optimizer.master_tensors()) if hasattr(tr.optimizer, "master_tensors") else 0
     buckets, optim = ddp_bucket_bytes(tr.model), storage_bytes(optimizer_state(tr.optimizer))
     return {"parameters": sum(p.numel() for p in params), "weights": weights, "gradients": grads,
-            "grad_buckets": buckets, "optimizer": optim, "model_state_bytes": weights + grads + buckets + optim,
+            "grad_buckets": buckets, "optimizer": optim, "master_weights": masters,
+            "model_state_bytes": weights + grads + buckets + optim + masters,
             "activation_peak_bytes": meter.peak, "loss": record["loss"]}
 
 

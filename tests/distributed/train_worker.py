@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/distributed/train_worker.py SPEC.json
 
 SPEC: {"config": "configs/tiny.yaml", "out": DIR, "scenarios": [{"name": ..., "overrides": {...},
-       "load": DIR?, "save_final": bool?, "env": {...}?}, ...]}
+       "load": DIR?, "save_final": bool?, "env": {...}?, "perturb_weights": float?, "watch_step": int?,
+       "unchanged_step": int?}, ...]}  (the last three: see precision_checks.py)
 Rank 0 writes DIR/<name>.json with the per-iteration records; a scenario that raises writes
 {"error": message} and the launch goes on with the next scenario.
 """
@@ -20,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megallm.training import checkpoint  # noqa: E402
 from megallm.training.loop import StopTraining, Trainer  # noqa: E402
+from tests.distributed import precision_checks  # noqa: E402
 from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
 
 
@@ -33,6 +35,11 @@ def run(spec_path: str) -> None:
         tr = Trainer.build(cfg, world)
         records = []  # the loop keeps no history: collect it here
         tr.callbacks.append(lambda _, record: records.append(record))
+        if sc.get("perturb_weights"):
+            precision_checks.perturb(tr, sc["perturb_weights"])
+        watched = precision_checks.watch_one_step(tr, sc["watch_step"]) if sc.get("watch_step") else None
+        if sc.get("unchanged_step"):
+            watched = precision_checks.watch_unchanged(tr, sc["unchanged_step"])
         try:
             if sc.get("load"):
                 result["loaded_iteration"] = checkpoint.load(tr, sc["load"])
@@ -51,6 +58,9 @@ def run(spec_path: str) -> None:
         skipped = [r["iteration"] for r in records if r["skipped"]]
         every_rank = [None] * world
         dist.all_gather_object(every_rank, skipped)  # each rank's own decisions, to compare
+        if watched is not None:
+            result["watched_step"] = [None] * world
+            dist.all_gather_object(result["watched_step"], watched)
         if rank == 0:
             result.update(records=records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
                           skipped_per_rank=every_rank)
