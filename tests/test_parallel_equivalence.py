@@ -35,6 +35,16 @@ LAYOUTS = {
     "tp2_pp2_dp2_vpp2": {"tp": 2, "pp": 2, "vpp": 2},
     "tp2_pp2_dp2_zero1": {"tp": 2, "pp": 2, "use_distributed_optimizer": True},
     "tp1_pp1_dp8_zero1": {"tp": 1, "pp": 1, "use_distributed_optimizer": True},
+    # sequence parallelism and activation recompute (megallm.parallel.sequence_parallel, megallm.model.recompute)
+    "tp2_pp2_dp2_sp": {"tp": 2, "pp": 2, "sequence_parallel": True},
+    "tp4_pp2_dp1_sp": {"tp": 4, "pp": 2, "sequence_parallel": True},
+    "tp2_pp2_dp2_full_recompute": {"tp": 2, "pp": 2, "recompute_granularity": "full", "recompute_method": "uniform",
+                                   "recompute_num_layers": 1},
+    "tp2_pp2_dp2_selective_recompute": {"tp": 2, "pp": 2, "recompute_granularity": "selective",
+                                        "recompute_modules": ["layernorm", "swiglu", "mlp"]},
+    "tp2_pp2_dp2_vpp2_sp_recompute": {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True,
+                                      "recompute_granularity": "full", "recompute_method": "block",
+                                      "recompute_num_layers": 1},
 }
 COMMON = {"train_iters": 5, "lr_warmup_iters": 0, "eval_interval": 0, "save_interval": 0, "adam_eps": 1e-6, "lr": 1e-3, "min_lr": 1e-4}
 

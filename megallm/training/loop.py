@@ -22,6 +22,7 @@ from megallm.config import Config
 from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
+from megallm.parallel import sequence_parallel
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
 from megallm.training import faults
 from megallm.training.metrics import MetricsLogger, progress_line
@@ -140,6 +141,7 @@ class Trainer:
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             losses = self.runner.step(tokens, labels)
+        sequence_parallel.allreduce_sequence_parallel_grads(self.params)  # replicated norms saw 1/tp of the tokens
         faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
                                       cfg.training.global_batch_size)
 
