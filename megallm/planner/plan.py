@@ -129,11 +129,11 @@ def plan_layout(cfg: Config, layout: Layout, device: Device, gpus_per_node: int,
     )
 
 
-def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: str = "selective",
+def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: Optional[str] = None,
          sequence_parallel: Optional[bool] = None, precision: Optional[str] = None, flash_attention: bool = True,
          gpus_per_node: Optional[int] = None, assumptions: Optional[Assumptions] = None) -> Plan:
-    """Plan the config's own layout on `world_size` devices. Raises PlanError (a ValueError) for a
-    layout that would not start. gpus_per_node defaults to 8 on GPUs and world_size on the CPU."""
+    """Plan the config's own layout on `world_size` devices, with the config's sequence parallelism
+    and recompute unless given here. Raises PlanError (a ValueError) for a layout that would not start. gpus_per_node defaults to 8 on GPUs and world_size on the CPU."""
     dev = get_device(device)
     layout = make_layout(cfg, world_size, dev, recompute, sequence_parallel, precision, flash_attention)
     if gpus_per_node is None:
@@ -146,12 +146,9 @@ def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: str
 
 
 def _as_run(cfg: Config) -> dict:
-    """The choices the run itself will make: megallm's model has no recompute or sequence
-    parallelism unless the config grows those fields (Megatron's names, read if present)."""
-    return {
-        "recompute": getattr(cfg.training, "recompute_granularity", None) or "none",
-        "sequence_parallel": bool(getattr(cfg.parallel, "sequence_parallel", False)),
-    }
+    """The choices the run itself will make: the config's recompute and sequence parallelism,
+    which `plan` reads when none are given."""
+    return {}
 
 
 def _cuda_device() -> str:
