@@ -239,3 +239,39 @@ def test_cli(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(bad)])
     assert e.value.code == 2 and "unknown field 'model.hidden_sise'" in capsys.readouterr().err
+
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_llama2", "launch/pretrain_llama2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detect_device_by_name_and_memory():
+    from megallm.planner import detect_device
+
+    assert detect_device("NVIDIA H100 80GB HBM3", 81559 * MiB) == "h100-80gb"
+    assert detect_device("NVIDIA H100 NVL", 95830 * MiB) == "h100-94gb"
+    assert detect_device("NVIDIA H200", 143771 * MiB) == "h200-141gb"
+    assert detect_device("NVIDIA A100-SXM4-40GB", 40960 * MiB) == "a100-40gb"
+    assert detect_device("NVIDIA A100-SXM4-80GB", 81920 * MiB) == "a100-80gb"
+    assert detect_device("Tesla T4", 15 * GiB) is None
+
+
+def test_launcher_refuses_70b_without_sequence_parallel_on_80gb(cfg70, capsys):
+    launcher, h100 = _launcher(), ("NVIDIA H100 80GB HBM3", 81559 * MiB)
+    assert launcher.check_before_start(cfg70, 64, device_description=h100) == 0  # the recipe, SP on, fits
+    cfg70.parallel.sequence_parallel = False
+    assert launcher.check_before_start(cfg70, 64, device_description=h100) == 2
+    out = capsys.readouterr().out
+    assert "memory error: this layout does not fit h100-80gb" in out and "verdict: DOES NOT FIT" in out
+    fixes = out.split("flags that would fit:")[1].splitlines()[1:4]
+    assert fixes[0].split()[0] == "--sequence-parallel" and "--recompute-granularity full" in fixes[1]
+    assert "refusing to start (--no-memory-check starts anyway)" in out
+    # the same layout on an H200 fits; --no-memory-check skips the plan; --gpu overrides the detected device
+    assert launcher.check_before_start(cfg70, 64, device_description=("NVIDIA H200", 143771 * MiB)) == 0
+    assert launcher.check_before_start(cfg70, 64, memory_check=False, device_description=h100) == 0
+    assert launcher.check_before_start(cfg70, 64, gpu="h200-141gb", device_description=h100) == 0
