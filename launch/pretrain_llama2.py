@@ -2,7 +2,9 @@
 
     torchrun --nproc_per_node 8 launch/pretrain_llama2.py --config configs/llama2_70b.yaml --tp 8 --pp 8
 
-Flags -> config -> validate (before any process group) -> check data -> init groups -> build -> train.
+Flags -> config -> validate (before any process group) -> memory plan on the detected GPU (exit 2 if
+it does not fit; --gpu to name the device, --no-memory-check to start anyway) -> check data -> init
+groups -> build -> train.
 """
 
 from __future__ import annotations
@@ -26,9 +28,58 @@ def rank0_print(*args) -> None:
         print(*args, flush=True)
 
 
-def check_before_start(cfg, world_size: int) -> int:
+def detected_gpu() -> tuple[str, int] | None:
+    """(name, total memory in bytes) of this rank's GPU as the driver reports it; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.name, props.total_memory
+
+
+def check_memory(cfg, world_size: int, gpu: str | None = None,
+                 device_description: tuple[str, int] | None = None) -> int:
+    """Plan the run about to start (its real flags) on the device it will run on (`gpu`, else the
+    one detected) and refuse it, exit 2 with the planner's table and the flags that would fit,
+    when the busiest stage needs more than the device holds. No GPU and no --gpu: nothing to check."""
+    from megallm.planner import PlanError, detect_device, flags_that_fit, plan
+    from megallm.planner.report import render_plan
+
+    if gpu is None:
+        description = device_description or detected_gpu()
+        if description is None:
+            return 0
+        gpu = detect_device(*description)
+        if gpu is None:
+            rank0_print(f"warning: no memory plan for GPU {description[0]!r}; pass --gpu (h100-80gb, h200-141gb, "
+                        f"a100-80gb, ...) to check the layout against one the planner knows")
+            return 0
+    try:
+        p = plan(cfg, world_size, gpu)
+    except PlanError as e:
+        return refuse([f"config error: {e}"])
+    if p.fits:
+        if p.verdict == "tight":
+            rank0_print(f"warning: the busiest stage needs {p.total_bytes / 2**30:.1f} GiB of {gpu}'s "
+                        f"{p.device_memory_bytes / 2**30:.1f} GiB (under 5% to spare)")
+        return 0
+    lines = [f"memory error: this layout does not fit {gpu}; the planner's figures for it:", render_plan(p), ""]
+    remedies = flags_that_fit(cfg, world_size, gpu)
+    if remedies:
+        lines.append("flags that would fit:")
+        lines += [f"  {flags:<90} {r.total_bytes / 2**30:6.1f} GiB per device" for flags, r in remedies]
+    else:
+        lines.append("no single memory flag fits: see `python tools/plan.py --search` for other layouts")
+    lines.append("refusing to start (--no-memory-check starts anyway)")
+    return refuse(lines)
+
+
+def check_before_start(cfg, world_size: int, gpu: str | None = None, memory_check: bool = True,
+                       device_description: tuple[str, int] | None = None) -> int:
     """Config rules, inputs, hyperparameter lint, memory fit and data check; returns an exit code
-    (0 = go). Everything up to the lint runs on every rank and gives every rank the same verdict."""
+    (0 = go). Everything up to the lint runs on every rank and gives every rank the same verdict.
+    device_description: (name, total memory) instead of asking torch (tests fake a GPU with it)."""
 
     errors = [f"config error: {e}" for e in config_mod.validate(cfg, world_size)]
     if not errors:
@@ -37,14 +88,10 @@ def check_before_start(cfg, world_size: int) -> int:
         return refuse(errors)
     for w in config_mod.lint_hyperparameters(cfg):
         rank0_print(f"warning: {w}")
-    import torch
-
-    from megallm.planner import fit_warning
-
-    if torch.cuda.is_available():
-        warning = fit_warning(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)
-        if warning:
-            rank0_print(f"warning: {warning}")
+    if memory_check:
+        code = check_memory(cfg, world_size, gpu, device_description)
+        if code:
+            return code
     if cfg.data.data_path and not cfg.data.skip_data_check and int(os.environ.get("RANK", 0)) == 0:
         # Reads every token: rank 0 only. The others block in init_process_group until rank 0
         # either joins or exits, and torchrun then ends them.
@@ -60,7 +107,13 @@ def check_before_start(cfg, world_size: int) -> int:
 
 
 def main(argv=None) -> int:
+    from megallm.planner import DEVICES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", choices=[d for d in DEVICES if d != "cpu"], default=None,
+                        help="plan memory for this device instead of the detected one")
+    parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                        help="start even when the planner says the layout does not fit")
     config_mod.add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -68,7 +121,7 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as e:
         return refuse([f"config error: {e}"])
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    code = check_before_start(cfg, world_size)
+    code = check_before_start(cfg, world_size, args.gpu, args.memory_check)
     if code:
         return code
 

@@ -96,6 +96,10 @@ class ParallelConfig:
     """auto: nccl on CUDA, gloo on CPU; or nccl, gloo."""
     distributed_timeout_minutes: int = 10
     """How long a collective may wait for a peer before the run fails."""
+    sequence_parallel: bool = False
+    """Megatron's --sequence-parallel: norms, dropout and residual adds on [s/tp, b, h] shards
+    (all-gather before the column-parallel GEMMs, reduce-scatter after the row-parallel ones);
+    off at tp 1, where there is nothing to split."""
 
     @property
     def resolved_pipeline_schedule(self) -> str:
@@ -129,6 +133,16 @@ class TrainingConfig:
     bf16: bool = False
     """Megatron's --bf16: bf16 parameters and activations, fp32 main grads, master weights and Adam moments
     (the same as params_dtype bf16, which params_dtype auto picks on CUDA)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute (megallm/model/recompute.py). None: keep everything for backward;
+    full: keep only checkpointed layers' inputs and re-run them; selective: re-run recompute_modules."""
+    recompute_method: Optional[str] = None
+    """Full recompute only: uniform (layers in groups of recompute_num_layers) or block (the first
+    recompute_num_layers layers of each pipeline chunk)."""
+    recompute_num_layers: Optional[int] = None
+    """Full recompute only: the group size (uniform) or the number of checkpointed layers per chunk (block)."""
+    recompute_modules: list = field(default_factory=lambda: ["layernorm", "swiglu"])
+    """Selective recompute only: any of layernorm, swiglu (the activation), mlp (the whole MLP)."""
 
 
 @dataclass
@@ -435,6 +449,29 @@ def parse_config(argv: Optional[list[str]] = None, parser: Optional[argparse.Arg
 # Validation: hard rules (errors) and known-bad hyperparameters (warnings)
 
 
+def validate_recompute(t: TrainingConfig) -> list[str]:
+    """Megatron's rules for the recompute flags."""
+    granularity, method, n = t.recompute_granularity, t.recompute_method, t.recompute_num_layers
+    if granularity not in (None, "full", "selective"):
+        return [f"recompute_granularity={granularity!r}: must be full or selective (or unset)"]
+    if granularity == "full":
+        errors = []
+        if method not in ("uniform", "block"):
+            errors.append(f"recompute_method={method!r}: recompute_granularity=full needs --recompute-method "
+                          f"uniform or block")
+        if n is None or n < 1:
+            errors.append(f"recompute_num_layers={n}: recompute_granularity=full needs --recompute-num-layers N >= 1")
+        return errors
+    if method is not None or n is not None:
+        return [f"recompute_method={method!r}, recompute_num_layers={n}: only for recompute_granularity=full "
+                f"(got {granularity!r})"]
+    known = ("layernorm", "swiglu", "mlp")
+    unknown = [name for name in t.recompute_modules if name not in known]
+    if unknown:
+        return [f"recompute_modules={t.recompute_modules}: unknown {unknown}; choose from {', '.join(known)}"]
+    return []
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     """Every violated rule as one line naming the field, its value and the rule."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
@@ -510,6 +547,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     rule(cfg.padded_vocab_size % tp == 0,
          f"vocab_size={m.vocab_size}: padded size {cfg.padded_vocab_size} must divide by "
          f"tensor_model_parallel_size={tp}")
+    if p.sequence_parallel and tp > 1:
+        rule(t.seq_length % tp == 0, f"seq_length={t.seq_length}: sequence_parallel splits the sequence over "
+                                     f"tensor_model_parallel_size={tp}, so it must divide by it")
     rule(cfg.spike.spike_action in ("skip", "rollback", "warn", "stop"),
          f"spike_action={cfg.spike.spike_action!r}: must be one of skip, rollback, warn, stop")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,
@@ -525,6 +565,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if cfg.spike.spike_action == "rollback":
         rule(bool(cfg.checkpoint.save) and cfg.checkpoint.save_interval > 0,
              "spike_action=rollback: needs --save DIR and --save-interval N > 0 (something to roll back to)")
+    errors += validate_recompute(t)
     if world_size is not None:
         rule(world_size % (tp * pp) == 0,
              f"world size {world_size}: must be divisible by tensor_model_parallel_size x "

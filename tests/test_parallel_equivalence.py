@@ -36,8 +36,28 @@ LAYOUTS = {
     "tp2_pp2_dp2_zero1": {"tp": 2, "pp": 2, "use_distributed_optimizer": True},
     "tp1_pp1_dp8_zero1": {"tp": 1, "pp": 1, "use_distributed_optimizer": True},
     "tp2_pp2_dp2_vpp2_zero1": {"tp": 2, "pp": 2, "vpp": 2, "use_distributed_optimizer": True},
+    # sequence parallelism and activation recompute (megallm.parallel.sequence_parallel, megallm.model.recompute)
+    "tp2_pp2_dp2_sp": {"tp": 2, "pp": 2, "sequence_parallel": True},
+    # tp 4 needs 4 key/value groups (tiny has 2): compared with a single process of that model
+    "tp4_pp2_dp1_sp": {"tp": 4, "pp": 2, "sequence_parallel": True, "num_query_groups": 4},
+    "tp2_pp2_dp2_full_recompute": {"tp": 2, "pp": 2, "recompute_granularity": "full", "recompute_method": "uniform",
+                                   "recompute_num_layers": 1},
+    "tp2_pp2_dp2_selective_recompute": {"tp": 2, "pp": 2, "recompute_granularity": "selective",
+                                        "recompute_modules": ["layernorm", "swiglu", "mlp"]},
+    # the 70B recipe's features together: sequence parallel norms' grads go through the main-grad buffers
+    "tp2_pp2_dp2_vpp2_sp_recompute_zero1": {"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True,
+                                            "recompute_granularity": "full", "recompute_method": "block",
+                                            "recompute_num_layers": 1, "use_distributed_optimizer": True},
 }
 COMMON = {"train_iters": 5, "lr_warmup_iters": 0, "eval_interval": 0, "save_interval": 0, "adam_eps": 1e-6, "lr": 1e-3, "min_lr": 1e-4}
+
+
+# a layout that changes the model's shape is compared with a single process of the same shape
+REFERENCES = {"reference": {"tp": 1, "pp": 1}, "reference_g4": {"tp": 1, "pp": 1, "num_query_groups": 4}}
+
+
+def reference_for(layout: dict) -> str:
+    return "reference_g4" if layout.get("num_query_groups") == 4 else "reference"
 
 
 def scenario(name, tmp, layout):
@@ -65,9 +85,8 @@ def long_run(name, tmp, layout, **extra):
 @pytest.fixture(scope="module")
 def all_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("equivalence")
-    ref = run_scenarios(1, tmp, [scenario("reference", tmp, {"tp": 1, "pp": 1}),
-                                 long_run("fp32_long", tmp, {}),
-                                 long_run("fp32_long_perturbed", tmp, {}, perturb_weights=1e-6)], timeout=900)
+    ref = run_scenarios(1, tmp, [scenario(n, tmp, layout) for n, layout in REFERENCES.items()] + [
+        long_run("fp32_long", tmp, {}), long_run("fp32_long_perturbed", tmp, {}, perturb_weights=1e-6)], timeout=900)
     par = run_scenarios(8, tmp, [scenario(n, tmp, layout) for n, layout in LAYOUTS.items()] + [
         long_run("bf16_tp2_pp2_dp2_zero1", tmp, {"tp": 2, "pp": 2, "bf16": True, "use_distributed_optimizer": True},
                  watch_step=WATCH_STEP)], timeout=1500)
@@ -76,14 +95,14 @@ def all_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(all_runs):
-    tmp, ref, par = all_runs
-    return tmp, ref["reference"], par
+    return all_runs
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(runs, name):
-    tmp, ref, par = runs
-    run = par[name]
+    tmp, refs, par = runs
+    ref_name = reference_for(LAYOUTS[name])
+    ref, run = refs[ref_name], par[name]
     assert "error" not in run, run.get("error")
     ref_losses = [r["loss"] for r in ref["records"]]
     losses = [r["loss"] for r in run["records"]]
@@ -91,25 +110,26 @@ def test_layout_matches_single_process(runs, name):
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
         assert math.isclose(a, b, rel_tol=1e-5), f"iteration {i + 1}: {a} vs single-process {b}"
     assert [r["grad_norm"] for r in run["records"]] == pytest.approx([r["grad_norm"] for r in ref["records"]], rel=1e-4)
-    ref_w, w = weights(tmp, "reference"), weights(tmp, name)
+    ref_w, w = weights(tmp, ref_name), weights(tmp, name)
     assert ref_w.keys() == w.keys()
     worst = max((ref_w[k] - w[k]).abs().max().item() for k in ref_w)
     assert worst < 1e-5, f"largest weight difference {worst}"
-    ref_m, m = weights(tmp, "reference", "optim"), weights(tmp, name, "optim")
+    ref_m, m = weights(tmp, ref_name, "optim"), weights(tmp, name, "optim")
     assert ref_m.keys() == m.keys() and len(m) == 2 * len(w)
     for k in ref_m:
         scale = ref_m[k].abs().max().item()
         assert (ref_m[k] - m[k]).abs().max().item() <= 1e-3 * scale, k
     # the weights did move: an update that did nothing would pass the comparison trivially
-    moved = max((ref_w[k] - weights_at_init(tmp, ref_w, k)).abs().max().item() for k in list(ref_w)[:3])
+    moved = max((ref_w[k] - weights_at_init(ref_w, k, REFERENCES[ref_name])).abs().max().item()
+                for k in list(ref_w)[:3])
     assert moved > 1e-4
 
 
-def weights_at_init(tmp, ref_w, key):
-    from megallm.config import load_yaml
+def weights_at_init(ref_w, key, overrides):
+    from megallm.config import apply_overrides, load_yaml
     from megallm.model.weight_mapping import init_logical
 
-    cfg = load_yaml("configs/tiny.yaml")
+    cfg = apply_overrides(load_yaml("configs/tiny.yaml"), overrides)
     return init_logical(cfg, key, tuple(ref_w[key].shape))
 
 

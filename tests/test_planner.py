@@ -39,7 +39,7 @@ def test_70b_parameter_count_and_stage_split(cfg70):
 
 def test_70b_tp8_pp8_hand_derivation(cfg70):
     # LLaMA2-70B, 64 H100 as tp 8 x pp 8 x dp 1, micro batch 2, seq 4096, global batch 1024,
-    # selective recompute, sequence parallel, bf16 with fused norms and flash attention.
+    # no recompute, sequence parallel (as configs/llama2_70b.yaml), bf16 with fused norms and flash attention.
     #
     # Parameters on a GPU of pipeline rank 0 (layers 0-9 and the embedding):
     #   layer  = attention 8192*(8192 + 2*8*128) + 8192*8192 = 150,994,944
@@ -66,7 +66,7 @@ def test_70b_tp8_pp8_hand_derivation(cfg70):
     runtime = 3 * GiB
     for zero in (False, True):
         cfg70.parallel.use_distributed_optimizer = zero
-        p = plan(cfg70, 64, "h100-80gb", recompute="selective")
+        p = plan(cfg70, 64, "h100-80gb")
         assert (p.layout.dp, p.layout.num_micro_batches, p.layout.sequence_parallel) == (1, 512, True)
         assert p.peak_stage == 0 and p.stages[0].parameters == params
         assert p.model_state_bytes == states == 19_844_628_480
@@ -86,18 +86,26 @@ def test_70b_distributed_optimizer_shards_over_dp(cfg70):
 
 
 def test_recompute_modes_and_attention_scores(cfg70):
-    # Flash attention never stores scores, so none == selective in memory; without it the
-    # softmax's a*s elements per token (2 bytes each, /t) come back unless recompute is selective.
+    # Selective recompute with the default modules (layernorm, swiglu): silu(gate) (f/t elements
+    # per token, 2 B) and the norms' fp32 1/rms (2/t x 4 B) are not kept, per layer and token.
     none, selective, full = (plan(cfg70, 64, recompute=r) for r in ("none", "selective", "full"))
-    assert none.activation_bytes == selective.activation_bytes
+    assert selective.layout.recompute_modules == ("layernorm", "swiglu")
+    saved = 80 * 8192 * (2 * 28672 / 8 + 4 * 2 / 8)
+    assert none.activation_bytes - selective.activation_bytes == pytest.approx(saved, abs=1)
+    # Without flash attention the softmax's a*s elements per token (2 bytes each, /t) are stored.
     math_none = plan(cfg70, 64, recompute="none", flash_attention=False)
     scores_per_layer = 2 * 64 * 4096 / 8 * 8192 - 4 * 64 / 8 * 8192  # + scores - log-sum-exp
     assert math_none.activation_bytes - none.activation_bytes == pytest.approx(80 * scores_per_layer)
-    # Full recompute: 80 layer inputs of 8192 x 1024 x 2 B, plus one layer re-run in full.
+    # Full recompute (uniform, 1 layer): 80 layer inputs of 8192 x 1024 x 2 B, plus one layer re-run in full.
     per_layer = 43_809 * 8192
     assert full.stages[0].activations["layers"] == 80 * 8192 * 1024 * 2
     assert full.stages[0].activations["recompute"] == per_layer
-    assert full.hardware_flops_per_iteration > selective.hardware_flops_per_iteration > none.hardware_flops_per_iteration
+    assert full.hardware_flops_per_iteration > selective.hardware_flops_per_iteration == none.hardware_flops_per_iteration
+    # block recompute of 4 of a chunk's 10 layers: 4 kept inputs and 6 layers in full per micro-batch
+    cfg70.training.recompute_granularity, cfg70.training.recompute_method = "full", "block"
+    cfg70.training.recompute_num_layers = 4
+    block = plan(cfg70, 64).stages[0].activations
+    assert block["layers"] == 8 * (4 * 8192 * 1024 * 2 + 6 * per_layer) and block["recompute"] == per_layer
     assert full.flops_per_iteration == none.flops_per_iteration  # MFU counts model FLOPs only
 
 
@@ -169,8 +177,10 @@ def test_search_70b_on_64_h100(cfg70):
 
 
 def test_launcher_warning_uses_the_run_as_configured(cfg70):
-    # megallm's model runs without sequence parallelism or recompute (no config fields yet):
-    # the 70B recipe's micro batch 2 then needs more than an H100 holds.
+    # The published recipe without sequence parallelism or recompute: micro batch 2 then needs
+    # more than an H100 holds (configs/llama2_70b.yaml turns sequence parallelism on for it).
+    assert memory_need_bytes(cfg70, 64, "h100-80gb") < 81559 * MiB
+    cfg70.parallel.sequence_parallel = False
     need = memory_need_bytes(cfg70, 64, "h100-80gb")
     assert need == plan(cfg70, 64, recompute="none", sequence_parallel=False).total_bytes
     assert need > 81559 * MiB
@@ -231,3 +241,39 @@ def test_cli(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(bad)])
     assert e.value.code == 2 and "unknown field 'model.hidden_sise'" in capsys.readouterr().err
+
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_llama2", "launch/pretrain_llama2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detect_device_by_name_and_memory():
+    from megallm.planner import detect_device
+
+    assert detect_device("NVIDIA H100 80GB HBM3", 81559 * MiB) == "h100-80gb"
+    assert detect_device("NVIDIA H100 NVL", 95830 * MiB) == "h100-94gb"
+    assert detect_device("NVIDIA H200", 143771 * MiB) == "h200-141gb"
+    assert detect_device("NVIDIA A100-SXM4-40GB", 40960 * MiB) == "a100-40gb"
+    assert detect_device("NVIDIA A100-SXM4-80GB", 81920 * MiB) == "a100-80gb"
+    assert detect_device("Tesla T4", 15 * GiB) is None
+
+
+def test_launcher_refuses_70b_without_sequence_parallel_on_80gb(cfg70, capsys):
+    launcher, h100 = _launcher(), ("NVIDIA H100 80GB HBM3", 81559 * MiB)
+    assert launcher.check_before_start(cfg70, 64, device_description=h100) == 0  # the recipe, SP on, fits
+    cfg70.parallel.sequence_parallel = False
+    assert launcher.check_before_start(cfg70, 64, device_description=h100) == 2
+    out = capsys.readouterr().err  # refusals go to stderr, once per machine (megallm.inputs.refuse)
+    assert "memory error: this layout does not fit h100-80gb" in out and "verdict: DOES NOT FIT" in out
+    fixes = out.split("flags that would fit:")[1].splitlines()[1:4]
+    assert fixes[0].split()[0] == "--sequence-parallel" and "--recompute-granularity full" in fixes[1]
+    assert "refusing to start (--no-memory-check starts anyway)" in out
+    # the same layout on an H200 fits; --no-memory-check skips the plan; --gpu overrides the detected device
+    assert launcher.check_before_start(cfg70, 64, device_description=("NVIDIA H200", 143771 * MiB)) == 0
+    assert launcher.check_before_start(cfg70, 64, memory_check=False, device_description=h100) == 0
+    assert launcher.check_before_start(cfg70, 64, gpu="h200-141gb", device_description=h100) == 0

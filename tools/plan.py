@@ -24,9 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu", choices=list(DEVICES), default="h100-80gb", help="device kind (default h100-80gb)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="selective")
-    parser.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
-                        help="sequence parallelism (default: on when tp > 1, Megatron's recipe)")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=None,
+                        help="plan this recompute instead of the config's (--recompute-granularity etc.)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="model-state/activation bytes (default: params_dtype; auto = bf16 on GPUs, fp32 on cpu)")
     parser.add_argument("--attention", choices=["flash", "math"], default="flash",
@@ -38,7 +37,8 @@ def main(argv=None) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         print("plan error: --nodes and --gpus-per-node must be at least 1", file=sys.stderr)
         return 2
-    options = dict(sequence_parallel=args.sp, precision=args.precision, flash_attention=args.attention == "flash")
+    # sequence parallelism and recompute are the config's (--sequence-parallel, --recompute-*): what the engine runs
+    options = dict(precision=args.precision, flash_attention=args.attention == "flash")
     try:
         if args.search:
             plans = search(cfg, args.nodes, args.gpus_per_node, args.gpu, **options)

@@ -3,6 +3,10 @@
     tokens -> VocabParallelEmbedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
            -> RMSNorm -> ColumnParallelLinear (vocab-parallel logits)
 
+Hidden states are [s, b, h] (Megatron's layout, sequence first) between the embedding and the
+output layer; with sequence parallelism (megallm.parallel.sequence_parallel) each tensor-parallel
+rank holds [s/tp, b, h] there, and the megatron linears all-gather / reduce-scatter the sequence.
+
 A pipeline stage holds a `LlamaChunk`: a contiguous range of decoder layers, plus the embedding
 on the first chunk and the final norm and output head on the last. The model knows nothing of
 process groups: the megatron layers find their tensor-parallel group themselves, and all shapes
@@ -23,6 +27,7 @@ from torch import nn
 
 from megallm import platform
 from megallm.config import Config, ModelConfig
+from megallm.model import recompute
 from megallm.model.norm import RMSNorm, make_norm  # noqa: F401  (RMSNorm re-exported)
 
 
@@ -65,6 +70,7 @@ class Attention(nn.Module):
     def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
         super().__init__()
         tensor_parallel, _ = _tensor_parallel()
+        row_parallel_linear = _row_parallel_linear(mp_config)
         self.head_dim = m.kv_channels
         self.num_heads = m.num_attention_heads // tp
         self.num_groups = m.num_query_groups // tp
@@ -72,66 +78,81 @@ class Attention(nn.Module):
         self.linear_qkv = tensor_parallel.ColumnParallelLinear(
             m.hidden_size, qkv_out, config=mp_config, init_method=init_method, bias=False, gather_output=False,
             tp_group=tp_group)
-        self.linear_proj = tensor_parallel.RowParallelLinear(
+        self.linear_proj = row_parallel_linear(
             m.num_attention_heads * self.head_dim, m.hidden_size, config=mp_config, init_method=output_init_method,
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
         self.dropout = m.attention_dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv, _ = self.linear_qkv(x)
+        qkv, _ = self.linear_qkv(x)  # [s, b, (q + 2 kv)/tp]: the whole sequence, even under sequence parallel
+        s, b, _ = qkv.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_groups * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
+        q = q.view(s, b, self.num_heads, self.head_dim).permute(1, 2, 0, 3)  # [b, heads, s, d]
+        k = k.view(s, b, self.num_groups, self.head_dim).permute(1, 2, 0, 3)
+        v = v.view(s, b, self.num_groups, self.head_dim).permute(1, 2, 0, 3)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
-        out, _ = self.linear_proj(out.transpose(1, 2).reshape(b, s, q_size))
+        out, _ = self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, q_size))
         return out
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel GEMM."""
 
-    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None,
+                 recompute_activation: bool = False):
         super().__init__()
         tensor_parallel, _ = _tensor_parallel()
+        self.recompute_activation = recompute_activation
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             m.hidden_size, 2 * m.ffn_hidden_size, config=mp_config, init_method=init_method, bias=False,
             gather_output=False, tp_group=tp_group)
-        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+        self.linear_fc2 = _row_parallel_linear(mp_config)(
             m.ffn_hidden_size, m.hidden_size, config=mp_config, init_method=output_init_method, bias=False,
             input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, _ = self.linear_fc1(x)
-        gate, up = fc1.chunk(2, dim=-1)
-        out, _ = self.linear_fc2(F.silu(gate) * up)
+        out, _ = self.linear_fc2(recompute.maybe_checkpoint(self.recompute_activation, swiglu, fc1))
         return out
 
 
+def swiglu(fc1: torch.Tensor) -> torch.Tensor:
+    gate, up = fc1.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None):
+    """x: [s, b, h] ([s/tp, b, h] under sequence parallelism). `recompute_modules`: the pieces that
+    selective recompute re-runs in backward (see megallm.model.recompute)."""
+
+    def __init__(self, m: ModelConfig, mp_config, tp: int, init_method, output_init_method, tp_group=None,
+                 recompute_modules: tuple[str, ...] = ()):
         super().__init__()
         self.input_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
         self.self_attention = Attention(m, mp_config, tp, init_method, output_init_method, tp_group)
         self.post_attention_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
-        self.mlp = MLP(m, mp_config, tp, init_method, output_init_method, tp_group)
+        self.mlp = MLP(m, mp_config, tp, init_method, output_init_method, tp_group,
+                       recompute_activation="swiglu" in recompute_modules)
         self.hidden_dropout = m.hidden_dropout
+        self.recompute_norm, self.recompute_mlp = "layernorm" in recompute_modules, "mlp" in recompute_modules
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.self_attention(self.input_layernorm(x), cos, sin), self.hidden_dropout, self.training)
-        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout, self.training)
+        normed = recompute.maybe_checkpoint(self.recompute_norm, self.input_layernorm, x)
+        x = x + F.dropout(self.self_attention(normed, cos, sin), self.hidden_dropout, self.training)
+        normed = recompute.maybe_checkpoint(self.recompute_norm, self.post_attention_layernorm, x)
+        return x + F.dropout(recompute.maybe_checkpoint(self.recompute_mlp, self.mlp, normed), self.hidden_dropout,
+                             self.training)
 
 
 class LlamaChunk(nn.Module):
     """Decoder layers [first_layer, first_layer + num_layers) of the model, with the embedding if
     `pre_process` and the final norm + output head if `post_process`.
 
-    forward: tokens [b, s] (pre_process) or hidden [b, s, h] -> hidden, or vocab-parallel logits
-    [b, s, vocab/tp] (post_process). `tp_group` is handed to megatron's layers as is (megatron is
+    forward: tokens [b, s] (pre_process) or hidden [s, b, h] ([s/tp, b, h] with sequence
+    parallelism) -> the same hidden layout, or vocab-parallel logits [b, s, vocab/tp] (post_process). `tp_group` is handed to megatron's layers as is (megatron is
     making it a required argument); the model itself never communicates.
     """
 
@@ -140,39 +161,75 @@ class LlamaChunk(nn.Module):
         super().__init__()
         tensor_parallel, ModelParallelConfig = _tensor_parallel()
         m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+        # Megatron turns sequence parallelism off at tp 1, where there is nothing to split.
+        self.sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
+        self.tp, self.tp_group = tp, tp_group
+        t = cfg.training
+        self.recompute = (t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
+        modules = tuple(t.recompute_modules) if t.recompute_granularity == "selective" else ()
         # Weights are filled afterwards from layout-independent values (see init_weights), so
         # megatron's own initialisation is skipped. Parameters are created in the training precision
         # (bf16 under --bf16: the fp32 masters live in the optimizer, megallm.parallel.distributed_optimizer).
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp, use_cpu_initialization=(device is None or device.type != "cuda"),
-            perform_initialization=False, params_dtype=platform.resolved_params_dtype(cfg), sequence_parallel=False)
+            perform_initialization=False, params_dtype=platform.resolved_params_dtype(cfg),
+            sequence_parallel=self.sequence_parallel)
         noop = lambda w: w  # noqa: E731
         self.first_layer, self.pre_process, self.post_process = first_layer, pre_process, post_process
         self.layer_numbers = list(range(first_layer, first_layer + num_layers))
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 cfg.padded_vocab_size, m.hidden_size, init_method=noop, config=mp_config, tp_group=tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop, tp_group) for _ in self.layer_numbers)
+        self.layers = nn.ModuleList(DecoderLayer(m, mp_config, tp, noop, noop, tp_group, modules)
+                                    for _ in self.layer_numbers)
         if post_process:
             self.final_layernorm = make_norm(m.hidden_size, m.norm_epsilon, mp_config.params_dtype)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=noop, bias=False,
                 gather_output=False, tp_group=tp_group)
         self.rotary = RotaryEmbedding(m.kv_channels, m.rotary_base)
+        linears = [layer for layer in self.modules()
+                   if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear))]
         if tp == 1:
-            for layer in self.modules():
-                if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)):
-                    layer._forward_impl = _plain_linear
+            for layer in linears:
+                layer._forward_impl = _plain_linear
+        if self.sequence_parallel:
+            from megallm.parallel import sequence_parallel as sp
+
+            for layer in linears:  # megatron's on CUDA, a device-agnostic twin elsewhere
+                layer._forward_impl = sp.linear_with_sequence_parallel
+            for norm in self.norms():
+                sp.mark_sequence_parallel(norm)
+
+    def norms(self) -> list[nn.Module]:
+        """The RMSNorms: replicated over tensor parallel, fed only this rank's tokens under sequence parallel."""
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return norms + ([self.final_layernorm] if self.post_process else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_process:
-            x = self.embedding(x)
-        cos, sin = self.rotary(x.shape[1], x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = self.embedding(x.t())  # [s, b, h] straight from the transposed token ids
+            if self.sequence_parallel:
+                from megallm.parallel import sequence_parallel as sp
+
+                x = sp.scatter_to_sequence_parallel_region(x, self.tp_group)
+        seq_length = x.shape[0] * (self.tp if self.sequence_parallel else 1)
+        cos, sin = self.rotary(seq_length, x.device)
+        x = recompute.run_layers(self.layers, x, cos, sin, *self.recompute)
         if self.post_process:
-            x, _ = self.output_layer(self.final_layernorm(x))
+            x, _ = self.output_layer(self.final_layernorm(x))  # gathers the sequence under sequence parallel
+            x = x.transpose(0, 1).contiguous()  # [b, s, vocab/tp]: the loss's (and HuggingFace's) layout
         return x
+
+
+def _row_parallel_linear(mp_config):
+    """megatron's RowParallelLinear, or with sequence parallelism its subclass whose reduce-scatter
+    also runs off CUDA (megallm.parallel.sequence_parallel)."""
+    if not mp_config.sequence_parallel:
+        return _tensor_parallel()[0].RowParallelLinear
+    from megallm.parallel.sequence_parallel import RowParallelLinear
+
+    return RowParallelLinear
 
 
 def _plain_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **_) -> torch.Tensor:

@@ -9,13 +9,14 @@ Pure arithmetic on the config: nothing here imports torch (fit_warning asks torc
 device is named) or touches a process group. See docs/planner.md.
 """
 
-from megallm.planner.devices import DEVICES, Device, get_device
+from megallm.planner.devices import DEVICES, Device, detect_device, get_device
 from megallm.planner.layout import RECOMPUTE, Layout, PlanError
-from megallm.planner.plan import Plan, StagePlan, fit_warning, memory_need_bytes, plan, predicted_rank_memory
+from megallm.planner.plan import (Plan, StagePlan, fit_warning, flags_that_fit, memory_need_bytes, plan,
+                                  predicted_rank_memory)
 from megallm.planner.search import search
 from megallm.planner.throughput import Assumptions
 
 __all__ = [
-    "DEVICES", "RECOMPUTE", "Assumptions", "Device", "Layout", "Plan", "PlanError", "StagePlan", "fit_warning",
-    "get_device", "memory_need_bytes", "plan", "predicted_rank_memory", "search",
+    "DEVICES", "RECOMPUTE", "Assumptions", "Device", "Layout", "Plan", "PlanError", "StagePlan", "detect_device",
+    "fit_warning", "flags_that_fit", "get_device", "memory_need_bytes", "plan", "predicted_rank_memory", "search",
 ]

@@ -76,3 +76,17 @@ def get_device(name: str) -> Device:
         return DEVICES[name]
     except KeyError:
         raise ValueError(f"unknown device {name!r}; known: {', '.join(DEVICES)}") from None
+
+
+def detect_device(name: str, memory_bytes: int) -> str | None:
+    """The planner's device for what torch.cuda.get_device_properties reports (its name and total
+    memory), or None for a GPU the planner does not know. Memory tells the variants apart: an
+    'NVIDIA H100 NVL' reports ~94 GB, 'NVIDIA H100 80GB HBM3' ~80 GB."""
+    upper = name.upper()
+    if "H200" in upper:
+        return "h200-141gb"
+    if "H100" in upper:
+        return "h100-94gb" if memory_bytes > 88 * GiB else "h100-80gb"
+    if "A100" in upper:
+        return "a100-80gb" if memory_bytes > 60 * GiB else "a100-40gb"
+    return None

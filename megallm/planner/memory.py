@@ -128,13 +128,18 @@ def layer_activation_bytes(cfg: Config, layout: Layout, recompute: str | None = 
 
     Parallelism: tensor parallelism splits everything between the norms' outputs and the row-
     parallel GEMMs by t; the norms' inputs and outputs (4h) stay whole unless sequence parallelism
-    splits them too (Korthikanti: 10 + 24/t without SP, 34/t with it).
+    splits them too (Korthikanti: 10 + 24/t without SP, 34/t with it). Under sequence parallelism
+    the column-parallel GEMMs keep their local [s/t] input and all-gather it again in backward
+    (megatron-core's linear does the same), so their saved input is the norm's split output.
 
-    Recompute: selective (Korthikanti's) recomputes the attention scores, so the a*s term goes;
-    with flash attention it was never stored, so selective only adds compute, and the two modes
-    take the same memory. Full recompute keeps only the layer's input, h per token (split by
-    SP), and re-runs the layer in backward; that one layer's full set is added once per stage by
-    `stage_activation_bytes`.
+    Recompute, as megallm.model.recompute runs it (torch.utils.checkpoint keeps a checkpointed
+    piece's inputs and nothing inside it):
+      selective  layernorm: each norm keeps input and output only (2h), no 1/rms;
+                 swiglu: silu(gate) goes, the MLP keeps 3f; mlp: the MLP keeps nothing beyond its
+                 input (the norm's output, counted above). Attention scores are never stored
+                 with flash attention, so no selective mode is needed for them.
+      full       this returns one checkpointed unit's kept input, h per token (split by SP);
+                 `stage_activation_bytes` counts units, unprotected layers and the re-run.
 
     Cross-check, LLaMA2-70B (h 8192, a 64, g 8, f 28672 = 3.5h) in bf16 with fused norms and flash
     attention: 2*(4h + 1.25h + 1.125h + h + 14h) = 42.75 h bytes per token, against GPT's 34: the
@@ -147,12 +152,24 @@ def layer_activation_bytes(cfg: Config, layout: Layout, recompute: str | None = 
     tokens = s * b
     if recompute == "full":
         return tokens * h / split * layout.act_bytes
-    norms = 2 * (2 if layout.fused_norm else 3) * h
+    modules = layout.recompute_modules if recompute == "selective" else ()
+    norm_recompute = "layernorm" in modules
+    norms = 2 * (2 if (layout.fused_norm or norm_recompute) else 3) * h
     attention = h * (1 + 2 * g / a) + h * (1 + g / a) + h
-    scores = 0 if (layout.flash_attention or recompute == "selective") else a * s
-    mlp = 4 * f
-    fp32_extras = 2 / split + (a / t if layout.flash_attention else 0)
+    scores = 0 if layout.flash_attention else a * s
+    mlp = 0 if "mlp" in modules else (3 if "swiglu" in modules else 4) * f
+    fp32_extras = (0 if norm_recompute else 2 / split) + (a / t if layout.flash_attention else 0)
     return tokens * (layout.act_bytes * (norms / split + (attention + scores + mlp) / t) + 4 * fp32_extras)
+
+
+def full_recompute_units(layers_per_chunk: int, method: str, num_layers: int) -> tuple[int, int, int]:
+    """(checkpointed units, layers outside any checkpoint, layers in the largest unit) of one chunk,
+    as megallm.model.recompute.checkpointed_units lays them out: uniform = groups of num_layers,
+    block = the first num_layers layers one by one."""
+    if method == "uniform":
+        return -(-layers_per_chunk // num_layers), 0, min(num_layers, layers_per_chunk)
+    k = min(num_layers, layers_per_chunk)
+    return k, layers_per_chunk - k, 1
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
@@ -200,8 +217,10 @@ def chunks_in_flight(layout: Layout, pipeline_rank: int) -> int:
 def stage_activation_bytes(cfg: Config, layout: Layout, pipeline_rank: int) -> dict[str, float]:
     """Activation bytes at a pipeline rank's peak, by part.
 
-    layers        chunks in flight x layers per chunk x `layer_activation_bytes`
-    recompute     full recompute: one layer re-run in backward, with its full set, for one micro-batch
+    layers        chunks in flight x layers per chunk x `layer_activation_bytes` (full recompute:
+                  the checkpointed units' inputs plus the full set of layers outside them)
+    recompute     full recompute: the largest unit re-run in backward, with its full set, for one
+                  micro-batch (held inside torch.utils.checkpoint, where saved-tensor hooks do not see it)
     pipeline      torch.distributed.pipelining keeps each chunk's output for its backward (Megatron
                   frees it): h per token, for every chunk in flight but the model's last
     inputs        token ids and labels (int64), RoPE's cos/sin tables (fp32, s x d, two per chunk)
@@ -215,8 +234,14 @@ def stage_activation_bytes(cfg: Config, layout: Layout, pipeline_rank: int) -> d
     per_chunk = m.num_layers // (layout.pp * layout.vpp)
     in_flight = chunks_in_flight(layout, pipeline_rank)
     last = pipeline_rank == layout.pp - 1
-    parts = {"layers": in_flight * per_chunk * layer_activation_bytes(cfg, layout)}
-    parts["recompute"] = layer_activation_bytes(cfg, layout, "none") if layout.recompute == "full" else 0.0
+    if layout.recompute == "full":
+        units, unprotected, largest = full_recompute_units(per_chunk, layout.recompute_method or "uniform",
+                                                           layout.recompute_num_layers or 1)
+        every = layer_activation_bytes(cfg, layout, "none")
+        parts = {"layers": in_flight * (units * layer_activation_bytes(cfg, layout) + unprotected * every)}
+        parts["recompute"] = largest * every  # one unit re-run in backward, one micro-batch, transient
+    else:
+        parts = {"layers": in_flight * per_chunk * layer_activation_bytes(cfg, layout), "recompute": 0.0}
     kept_outputs = 0 if layout.pp == 1 else in_flight - (1 if last else 0)
     parts["pipeline"] = kept_outputs * tokens * h / split * act
     ids = 8 * tokens * ((pipeline_rank == 0) + last)

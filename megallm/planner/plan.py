@@ -13,7 +13,7 @@ from typing import Optional
 from megallm.config import Config, parameter_count
 from megallm.planner import memory, throughput
 from megallm.planner.devices import GiB, Device, get_device
-from megallm.planner.layout import Layout, make_layout
+from megallm.planner.layout import Layout, PlanError, make_layout
 from megallm.planner.throughput import Assumptions
 
 # How the time model works, printed with every plan next to the numbers in Assumptions.
@@ -129,11 +129,12 @@ def plan_layout(cfg: Config, layout: Layout, device: Device, gpus_per_node: int,
     )
 
 
-def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: str = "selective",
+def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: Optional[str] = None,
          sequence_parallel: Optional[bool] = None, precision: Optional[str] = None, flash_attention: bool = True,
          gpus_per_node: Optional[int] = None, assumptions: Optional[Assumptions] = None) -> Plan:
-    """Plan the config's own layout on `world_size` devices. Raises PlanError (a ValueError) for a
-    layout that would not start. gpus_per_node defaults to 8 on GPUs and world_size on the CPU."""
+    """Plan the config's own layout on `world_size` devices, with the config's sequence parallelism
+    and recompute unless given here. Raises PlanError (a ValueError) for a layout that would not start.
+    gpus_per_node defaults to 8 on GPUs and world_size on the CPU."""
     dev = get_device(device)
     layout = make_layout(cfg, world_size, dev, recompute, sequence_parallel, precision, flash_attention)
     if gpus_per_node is None:
@@ -146,12 +147,9 @@ def plan(cfg: Config, world_size: int, device: str = "h100-80gb", recompute: str
 
 
 def _as_run(cfg: Config) -> dict:
-    """The choices the run itself will make: megallm's model has no recompute or sequence
-    parallelism unless the config grows those fields (Megatron's names, read if present)."""
-    return {
-        "recompute": getattr(cfg.training, "recompute_granularity", None) or "none",
-        "sequence_parallel": bool(getattr(cfg.parallel, "sequence_parallel", False)),
-    }
+    """The choices the run itself will make: the config's recompute and sequence parallelism,
+    which `plan` reads when none are given."""
+    return {}
 
 
 def _cuda_device() -> str:
@@ -202,3 +200,48 @@ def predicted_rank_memory(cfg: Config, world_size: int, rank: int) -> dict:
         "activations": st.activations,
         "chunks_in_flight": st.chunks_in_flight,
     }
+
+
+# What would make a layout fit: the engine's memory features, cheapest first, then their pairs.
+REMEDIES = (
+    ("--sequence-parallel", {"sequence_parallel": True}),
+    ("--recompute-granularity selective", {"recompute_granularity": "selective"}),
+    ("--use-distributed-optimizer", {"use_distributed_optimizer": True}),
+    ("--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+     {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
+    ("--micro-batch-size 1", {"micro_batch_size": 1}),
+)
+
+
+def flags_that_fit(cfg: Config, world_size: int, device: str, gpus_per_node: Optional[int] = None,
+                   limit: int = 3) -> list[tuple[str, Plan]]:
+    """Up to `limit` sets of flags (one remedy, else two) that make this run fit the device,
+    with their plans: what the launcher suggests when it refuses a layout."""
+    import copy
+    import itertools
+
+    from megallm.config import apply_overrides
+
+    def applies(overrides: dict) -> bool:
+        return any(getattr(getattr(cfg, sec), k, None) != v for k, v in overrides.items()
+                   for sec in ("parallel", "training") if hasattr(getattr(cfg, sec), k))
+
+    found = []
+    for n in (1, 2):
+        for combo in itertools.combinations(REMEDIES, n):
+            overrides = {k: v for _, o in combo for k, v in o.items()}
+            if not all(applies(o) for _, o in combo) or ("sequence_parallel" in overrides and
+                                                        cfg.parallel.tensor_model_parallel_size == 1):
+                continue
+            c = apply_overrides(copy.deepcopy(cfg), overrides)
+            try:
+                p = plan(c, world_size, device, gpus_per_node=gpus_per_node)
+            except PlanError:
+                continue
+            if p.fits:
+                found.append((" ".join(flag for flag, _ in combo), p))
+                if len(found) == limit:
+                    return found
+        if found:
+            return found
+    return found

@@ -50,7 +50,8 @@ def search(cfg: Config, nodes: int, gpus_per_node: int, device: str = "h100-80gb
            micro_batch_sizes: Iterable[int] = (1, 2, 4, 8), sequence_parallel: Optional[bool] = None,
            precision: Optional[str] = None, flash_attention: bool = True,
            assumptions: Optional[Assumptions] = None) -> list[Plan]:
-    """Layouts (tp, pp, vpp, dp, micro batch, recompute, ZeRO-1) of cfg's model and global batch
+    """Layouts (tp, pp, vpp, dp, micro batch, recompute, ZeRO-1, and sequence parallelism unless
+    `sequence_parallel` fixes it) of cfg's model and global batch
     on nodes x gpus_per_node devices that fit, ranked by predicted tokens/s (then by margin).
     Raises PlanError when the config itself is invalid (its model, not its layout)."""
     dev, world_size = get_device(device), nodes * gpus_per_node
@@ -66,10 +67,13 @@ def search(cfg: Config, nodes: int, gpus_per_node: int, device: str = "h100-80gb
     for c in candidate_configs(cfg, world_size, gpus_per_node, micro_batch_sizes):
         for zero in distributed_optimizer:
             c.parallel.use_distributed_optimizer = zero
-            for rc in recompute:
-                layout = make_layout(c, world_size, dev, rc, sequence_parallel, precision, flash_attention)
-                p = plan_layout(c, layout, dev, gpus_per_node, assumptions)
-                if p.fits:
-                    plans.append(p)
+            tp = c.parallel.tensor_model_parallel_size
+            sps = [sequence_parallel] if sequence_parallel is not None else ([False, True] if tp > 1 else [False])
+            for sp in sps:
+                for rc in recompute:
+                    layout = make_layout(c, world_size, dev, rc, sp, precision, flash_attention)
+                    p = plan_layout(c, layout, dev, gpus_per_node, assumptions)
+                    if p.fits:
+                        plans.append(p)
     plans.sort(key=lambda p: (-p.tokens_per_s, -p.margin_bytes))
     return plans

@@ -61,20 +61,22 @@ def model_flops_per_token(cfg: Config) -> float:
     return 6 * n + 12 * m.num_layers * m.hidden_size * s
 
 
-def layer_flops_per_token(cfg: Config, recompute: str) -> float:
+def layer_flops_per_token(cfg: Config, recompute: str, modules: tuple = ()) -> float:
     """One decoder layer's FLOPs per token as executed: the model FLOPs plus what recompute
-    repeats (full: the layer's forward, 2N_layer + 4hs; selective: the attention core's forward,
-    4hs; with flash attention its backward recomputes scores anyway, counted in efficiency)."""
+    repeats (full: the layer's forward, 2N_layer + 4hs; selective: the MLP's GEMMs, 2 x 3hf, when
+    `mlp` is among the modules; norms and the SwiGLU activation are elementwise, no GEMM FLOPs;
+    flash attention's backward recomputes the scores anyway, counted in efficiency)."""
     m, s = cfg.model, cfg.training.seq_length
     n, attention = layer_parameter_count(m), 4 * m.hidden_size * s
-    extra = {"none": 0, "selective": attention, "full": 2 * n + attention}[recompute]
+    mlp = 2 * 3 * m.hidden_size * m.ffn_hidden_size if "mlp" in modules else 0
+    extra = {"none": 0, "selective": mlp, "full": 2 * n + attention}[recompute]
     return 6 * n + 3 * attention + extra
 
 
 def stage_flops_per_token(cfg: Config, layout: Layout, num_layers: int, has_head: bool) -> float:
     """A pipeline rank's executed FLOPs per token of its micro-batches, over all its TP ranks."""
     head = 6 * cfg.padded_vocab_size * cfg.model.hidden_size if has_head else 0
-    return num_layers * layer_flops_per_token(cfg, layout.recompute) + head
+    return num_layers * layer_flops_per_token(cfg, layout.recompute, layout.recompute_modules) + head
 
 
 def bubble_fraction(layout: Layout) -> float:

@@ -23,6 +23,7 @@ from megallm.config import Config
 from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
+from megallm.parallel import sequence_parallel
 from megallm.parallel.distributed_optimizer import DistributedOptimizer
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
 from megallm.training import fault_injection as faults
@@ -140,6 +141,10 @@ class Trainer:
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
         losses = self.runner.step(tokens, labels)  # in the parameters' precision: no autocast
         self.optimizer.reduce_gradients(self.runner.microbatch_divisor)
+        # Replicated norms saw 1/tp of the tokens: sum their main grads over tp. After the dp
+        # reduction, which has folded in every p.grad; the buffers are laid out alike on every tp
+        # rank, so a dp share holds the same elements on each of them.
+        sequence_parallel.allreduce_sequence_parallel_grads(self.params)
         faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
                                       cfg.training.global_batch_size)
 
