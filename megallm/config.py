@@ -106,6 +106,9 @@ class CheckpointConfig:
     save_interval: int = 0
     save_keep: int = 0  # 0 keeps all
     keep_iteration: bool = False  # a model-only (converted) checkpoint starts at iteration 0
+    # Write checkpoint files on a background thread: the loop pays only for the host copy of this
+    # rank's shards; `latest` moves once every rank's files are written and hashed (Megatron's flag).
+    async_save: bool = False
 
 
 @dataclass

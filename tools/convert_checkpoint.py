@@ -27,7 +27,7 @@ from megallm.checkpoint import convert  # noqa: E402
 from megallm.checkpoint.hf_config import ConversionError  # noqa: E402
 from megallm.checkpoint.hf_files import parse_size  # noqa: E402
 from megallm.config import ConfigError  # noqa: E402
-from megallm.training.checkpoint import CheckpointError, read_meta  # noqa: E402
+from megallm.checkpoint import CheckpointError, read_meta  # noqa: E402
 
 
 def parse_args(argv):
