@@ -94,14 +94,14 @@ def _rng_state() -> dict:
     return state
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    # pin_memory would make the device-to-host copy asynchronous on CUDA; on CPU this is the copy
-    # that lets training modify its tensors while the writer works.
-    return t.detach().to("cpu", copy=True).contiguous()
+def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    # copy=True (async): training may change its tensors while the writer works. A blocking save
+    # on CPU writes straight from the training tensors (safetensors writes from their memory).
+    return t.detach().to("cpu", copy=copy).contiguous()
 
 
 @torch.no_grad()
-def snapshot(tr) -> Snapshot:
+def snapshot(tr, copy: bool = True) -> Snapshot:
     ps, cfg, rank = _ps(), tr.cfg, dist.get_rank()
     tp_rank = ps.get_tensor_model_parallel_rank()
     state = sharded_state_of(tr.optimizer, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
@@ -117,11 +117,11 @@ def snapshot(tr) -> Snapshot:
         flat = shard.param.detach().view(-1)[shard.start:shard.end]
         for piece in range_pieces(shard.param, part_boxes, shard.start, shard.end):
             key = f"{piece.name}@{','.join(map(str, piece.logical_start))}"
-            snap.model[key] = _host_copy(piece_view(flat, piece))
+            snap.model[key] = _host(piece_view(flat, piece), copy)
             entry = {"t": piece.name, "at": list(piece.logical_start), "shape": list(piece.shape),
                      "file": model_file, "key": key}
             for name, t in shard.tensors.items():
-                snap.optim[OPTIM_KEY.format(key=key, state=name)] = _host_copy(piece_view(t, piece).float())
+                snap.optim[OPTIM_KEY.format(key=key, state=name)] = _host(piece_view(t, piece).float(), copy)
                 entry["optim"] = optim_file
             snap.pieces.append(entry)
     if rank == 0:
@@ -236,7 +236,7 @@ def save(tr, async_save: Optional[bool] = None) -> Path:
         partial_dir(root, tr.iteration).mkdir(parents=True)
     dist.barrier()
     start = time.perf_counter()
-    snap = snapshot(tr)
+    snap = snapshot(tr, copy=bool(async_save))
     stall, nbytes = time.perf_counter() - start, snap.nbytes()
     if async_save:
         async_writer.submit(lambda: write(snap), f"iteration {tr.iteration}")
