@@ -24,7 +24,6 @@ previous checkpoint as latest.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -83,24 +82,6 @@ def verify_files(ckpt: Path, meta: dict, names) -> None:
                                   f"(truncated?{_writer(expected)})")
         if sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: checksum mismatch (corrupted{_writer(expected)})")
-
-
-def read_meta(ckpt: Path) -> dict:
-    """meta.json of a checkpoint directory, of either format (v1 is read by megallm.checkpoint.v1)."""
-    from megallm.checkpoint import v1
-
-    path = Path(ckpt) / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a complete checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") == v1.FORMAT:
-        return v1.as_v2(Path(ckpt), meta)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} (or {v1.FORMAT!r})")
-    return meta
 
 
 def is_model_only(meta: dict) -> bool:

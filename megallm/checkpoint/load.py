@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from megallm.checkpoint import async_writer
-from megallm.checkpoint.format import CheckpointError, is_model_only, load_candidates, read_meta, verify_files
+from megallm.checkpoint import async_writer, v1
+from megallm.checkpoint.format import FORMAT, CheckpointError, is_model_only, load_candidates, verify_files
 from megallm.checkpoint.optimizer_adapter import sharded_state_of
 from megallm.checkpoint.regions import intersect, part_rects, piece_view, range_pieces, slices
 from megallm.model import weight_mapping as wm
@@ -35,6 +35,22 @@ def _ps():
     from megatron.core import parallel_state
 
     return parallel_state
+
+
+def read_meta(ckpt: Path) -> dict:
+    """meta.json of a checkpoint directory; a v1 one is indexed as v2 (megallm.checkpoint.v1)."""
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") == v1.FORMAT:
+        return v1.as_v2(Path(ckpt), meta)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} (or {v1.FORMAT!r})")
+    return meta
 
 
 class PieceReader:
@@ -91,8 +107,8 @@ class PieceReader:
             covered += math.prod(box[1])
             self.bytes_read += data.numel() * data.element_size()
         if covered != math.prod(shape):
-            raise CheckpointError(f"{self.ckpt}: {state} of '{name}' at {list(start)} {list(shape)} is not fully stored "
-                                  f"({covered} of {math.prod(shape)} elements)")
+            raise CheckpointError(f"{self.ckpt}: {state} of '{name}' at {list(start)} {list(shape)} is not fully "
+                                  f"stored ({covered} of {math.prod(shape)} elements)")
         return out
 
 

@@ -55,7 +55,8 @@ def part_rects(param: torch.Tensor, parts: list[wm.Part], cfg: Config, tp_rank: 
     shape = tuple(param.shape)
     dim = parts[0].dim
     if dim is None:  # replicated: the whole logical tensor on every rank
-        return [PartRect(parts[0].logical, (0,) * len(shape), (0,) * len(shape), _clip(parts[0].logical, 0, shape, cfg))]
+        origin = (0,) * len(shape)
+        return [PartRect(parts[0].logical, origin, origin, _clip(parts[0].logical, 0, shape, cfg))]
     tp = cfg.parallel.tensor_model_parallel_size
     sizes = [s // tp for s in wm.logical_sizes(cfg, parts)]
     rects, offset = [], 0
