@@ -80,8 +80,9 @@ class BenchTrainer:
         self.logger = MetricsLogger(cfg.logging.log_dir, enabled=False)
         self.device = __import__("torch").device("cpu")
 
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples}
+    def state_dict(self) -> dict:  # the keys that mark a training (not model-only) checkpoint
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples, "scheduler": {},
+                "detector": {}, "policy": {}}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state.get("iteration", 0)
