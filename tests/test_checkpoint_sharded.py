@@ -157,3 +157,76 @@ def test_padded_vocabulary_rows_are_not_stored():
     assert rects[0].logical_start == (2048, 0) and rects[0].shape == (2047, cfg.model.hidden_size)
     pieces = range_pieces(local, rects, 0, local.numel())
     assert sum(math.prod(p.shape) for p in pieces) == 2047 * cfg.model.hidden_size
+
+
+class ContractOptimizer:
+    """Speaks the sharded-state contract the way megallm's distributed optimizer does (contiguous
+    ranges of every parameter, fp32 masters beside the model's weights), with `n_ranges` ranges
+    per parameter that cut rows and q/k/v boundaries anywhere."""
+
+    def __init__(self, params, n_ranges: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.params, self.n = params, n_ranges
+        self.state = {id(p): {"exp_avg": torch.randn(p.numel(), generator=g),
+                              "exp_avg_sq": torch.rand(p.numel(), generator=g),
+                              "main_param": p.detach().reshape(-1) + 1e-3 * torch.randn(p.numel(), generator=g)}
+                      for p in params}
+        self.scalars = {"step": 7}
+
+    def ranges(self, p):
+        return [(p.numel() * i // self.n, p.numel() * (i + 1) // self.n) for i in range(self.n)]
+
+    def sharded_state(self):
+        from megallm.training.optimizer_state import OptimizerShard
+
+        return [OptimizerShard(p, s, e, {k: v[s:e] for k, v in self.state[id(p)].items()})
+                for p in self.params for s, e in self.ranges(p)], dict(self.scalars)
+
+    def load_sharded_state(self, read, scalars):
+        self.scalars = dict(scalars)
+        for p in self.params:
+            for s, e in self.ranges(p):
+                for k, v in self.state[id(p)].items():
+                    v[s:e] = read(p, s, e, k)
+
+
+class StandInTrainer:
+    def __init__(self, cfg, chunks, optimizer):
+        from megallm.training.metrics import MetricsLogger
+
+        self.cfg, self.chunks, self.optimizer, self.device = cfg, chunks, optimizer, torch.device("cpu")
+        self.iteration, self.consumed_samples, self.loaded = 4, 64, None
+        self.logger = MetricsLogger("unused", enabled=False)
+
+    def state_dict(self):
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples, "scheduler": {}}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_contract_optimizer_with_masters_round_trips_through_other_ranges(single_rank, tmp_path):
+    from megallm import checkpoint
+    from megallm.model.llama import LlamaChunk
+
+    cfg = apply_overrides(load_yaml(ROOT / "configs/tiny.yaml"), {"num_layers": 2, "save": str(tmp_path)})
+
+    def trainer(n_ranges, seed):
+        chunk = LlamaChunk(cfg, 0, 2, pre_process=True, post_process=True)
+        wm.init_weights(chunk, cfg, 0)
+        return StandInTrainer(cfg, [chunk], ContractOptimizer(list(chunk.parameters()), n_ranges, seed))
+
+    saved = trainer(3, seed=1)
+    for p in saved.chunks[0].parameters():  # weights distinct from the initial ones
+        p.data.add_(0.5)
+    checkpoint.save(saved, async_save=True)
+    checkpoint.wait_for_pending()
+    meta = checkpoint.read_meta(tmp_path / "iter_0000004")
+    assert meta["optimizer"] == {"scalars": {"step": 7}, "keys": ["exp_avg", "exp_avg_sq", "main_param"]}
+    loaded = trainer(2, seed=2)  # other ranges, other values
+    assert checkpoint.load(loaded, tmp_path) == 4 and loaded.loaded["consumed_samples"] == 64
+    assert loaded.optimizer.scalars == {"step": 7}
+    for a, b in zip(saved.chunks[0].parameters(), loaded.chunks[0].parameters()):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "main_param"):
+            assert torch.equal(saved.optimizer.state[id(a)][key], loaded.optimizer.state[id(b)][key]), key

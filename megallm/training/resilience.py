@@ -44,7 +44,7 @@ def stop_vote(tr) -> bool:
 def rollback(tr) -> None:
     spikes = tr.policy.recent_spikes(tr.iteration)
     rollbacks = list(tr.policy.rollbacks)
-    if len(rollbacks) >= tr.policy.max_rollbacks:
+    if tr.policy.exhausted:
         raise StopTraining(
             f"loss spikes persist after {len(rollbacks)} rollbacks (spike_max_rollbacks): spikes at iterations "
             f"{spikes}, samples up to {tr.consumed_samples}; see spikes.jsonl and run tools/spike_report.py")
