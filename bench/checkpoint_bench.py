@@ -55,17 +55,19 @@ class Phase:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         self.rss0 = _proc("VmRSS:")
         self.w0, self.r0 = _proc("wchar:", "/proc/self/io"), _proc("rchar:", "/proc/self/io")
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0, self.main0 = time.perf_counter(), time.process_time(), time.thread_time()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+        self.cpu, self.main_cpu = time.process_time() - self.cpu0, time.thread_time() - self.main0
         self.written = _proc("wchar:", "/proc/self/io") - self.w0
         self.read = _proc("rchar:", "/proc/self/io") - self.r0
         self.peak_kib, self.before_kib = _proc("VmHWM:"), self.rss0
 
     def row(self) -> dict:
-        return {"s": self.seconds, "written": self.written, "read": self.read,
+        return {"s": self.seconds, "cpu": self.cpu, "main_cpu": self.main_cpu, "written": self.written,
+                "read": self.read,
                 "peak_gib": self.peak_kib / 2**20, "before_gib": self.before_kib / 2**20}
 
 
@@ -130,7 +132,8 @@ def worker(out: Path, args) -> None:
             dist.barrier()
         rows[name] = ph.row()
 
-    phase("v1 save", lambda: v1.save_v1(tr, out / "v1"))
+    v1_bytes = []
+    phase("v1 save", lambda: v1_bytes.append(v1.save_v1(tr, out / "v1")[1]))
     phase("v2 save (blocking)", lambda: checkpoint.save(tr, async_save=False))
     tr.iteration = 2
     dist.barrier()
@@ -142,11 +145,13 @@ def worker(out: Path, args) -> None:
     rows["v2 save (async): stall"] = stall.row()
     rows["v2 save (async): stall"]["committed_s"] = stall.seconds + total.seconds
     rows["v2 save (async): stall"]["written"] += total.written
+    rows["v2 save (async): stall"]["cpu_committed"] = stall.cpu + total.cpu
     rows["v2 save (async): stall"]["peak_gib"] = max(stall.peak_kib, total.peak_kib) / 2**20
     phase("v1 load", lambda: checkpoint.load(tr, out / "v1" / "iter_0000001"))
     phase("v2 load", lambda: checkpoint.load(tr, out / "v2" / "iter_0000001"))
     meta = json.loads((out / "v2" / "iter_0000001" / "meta.json").read_text())
     rows["v2_files"] = len(meta["files"])
+    rows["v1_file_bytes"] = v1_bytes[0]
     rows["v2_bytes_by_writer"] = sum(r["bytes"] for r in meta["files"].values() if r["writer_rank"] == rank)
     rows["v1_files"] = len(json.loads((out / "v1" / "iter_0000001" / "meta.json").read_text())["files"])
     (out / f"rank_{rank}.json").write_text(json.dumps(rows))
@@ -162,48 +167,62 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def report(out: Path, args, wall: float) -> str:
+def report(out: Path, args, wall: float, load: tuple[float, float]) -> str:
     sys.path.insert(0, str(ROOT / "bench"))  # benchlib is a sibling script module, not a package
     from benchlib import cpu_model, git_commit, ram_gib, table
 
     ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(8)]
     params = sum(r["params_local"] for r in ranks) // 2  # dp 2 replicas hold the same parameters
     phases = ["v1 save", "v2 save (blocking)", "v2 save (async): stall", "v1 load", "v2 load"]
+    files_written = {"v1 save": [r["v1_file_bytes"] for r in ranks],
+                     "v2 save (blocking)": [r["v2_bytes_by_writer"] for r in ranks],
+                     "v2 save (async): stall": [r["v2_bytes_by_writer"] for r in ranks]}
     lines = [
         "# Checkpoint save and load: v1 (gather per stage) against v2 (every rank writes its pieces)",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu_model()} · {os.cpu_count()} cores, "
         f"{ram_gib():.0f} GiB RAM · commit {git_commit()} · `python bench/checkpoint_bench.py "
-        f"--hidden {args.hidden} --layers {args.layers} --ffn {args.ffn} --heads {args.heads}` ({wall:.0f} s)",
+        f"--hidden {args.hidden} --layers {args.layers} --ffn {args.ffn} --heads {args.heads}` ({wall:.0f} s; "
+        f"1-minute load average {load[0]:.0f} before, {load[1]:.0f} after: the machine was shared)",
         "",
         f"Model: {params / 1e9:.2f} B parameters (hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
         f"vocab 32000), fp32 weights + Adam moments; 8 ranks (tp 2 x pp 2 x dp 2), ZeRO-1 "
-        "(ZeroRedundancyOptimizer), gloo, one shared disk (page cache: no fsync waits dominate here).",
+        "(ZeroRedundancyOptimizer), gloo, one local disk.",
         "",
-        "## Per phase: slowest rank's wall time, and the rank extremes",
+        "Wall seconds on an oversubscribed machine say little; CPU seconds (all threads of the rank) are",
+        "what a rank spends whatever the load. *Main-thread CPU* is what the training loop pays.",
         "",
+        "| phase | wall s (slowest rank) | CPU s per rank (max) | main-thread CPU s (max) | file GiB written per "
+        "rank (min .. max) | GiB read() per rank (min .. max) | peak RSS above start, GiB (max) | VmHWM GiB (max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
     for ph in phases:
         rs = [r[ph] for r in ranks]
-        secs = max(x["s"] for x in rs)
-        extra = f" (committed after {max(x['committed_s'] for x in rs):.2f} s)" if "committed_s" in rs[0] else ""
-        rows.append([ph, f"{secs:.2f}{extra}",
-                     f"{gib(min(x['written'] for x in rs))} .. {gib(max(x['written'] for x in rs))}",
-                     f"{gib(min(x['read'] for x in rs))} .. {gib(max(x['read'] for x in rs))}",
-                     f"{max(x['peak_gib'] - x['before_gib'] for x in rs):.2f}",
-                     f"{max(x['peak_gib'] for x in rs):.2f}"])
-    lines.append(table(["phase", "wall s", "GiB written per rank (min .. max)", "GiB read per rank (min .. max)",
-                        "peak RSS above start, GiB (max rank)", "VmHWM GiB (max rank)"], rows))
-    lines += ["", "## Per rank (GiB written / peak RSS above the phase's start)", ""]
-    per = []
-    for i, r in enumerate(ranks):
-        per.append([i] + [f"{gib(r[ph]['written'])} / {r[ph]['peak_gib'] - r[ph]['before_gib']:.2f}"
-                          for ph in phases[:3]] + [gib(r["v2_bytes_by_writer"])])
-    lines.append(table(["rank", "v1 save", "v2 blocking", "v2 async", "v2 meta.json bytes by writer_rank"], per))
-    lines += ["", f"Files: v1 {ranks[0]['v1_files']}, v2 {ranks[0]['v2_files']} (+ meta.json each). "
-              "Loads read the checkpoint written at the same layout; v1 is read through the v2 reader "
-              "(whole-tensor pieces), whose per-file sha256 check reads every file a rank touches.", ""]
+        wall_s = f"{max(x['s'] for x in rs):.2f}"
+        cpu = f"{max(x['cpu'] for x in rs):.2f}"
+        if "committed_s" in rs[0]:
+            wall_s += f" (committed after {max(x['committed_s'] for x in rs):.2f})"
+            cpu += f" (with the writer thread: {max(x['cpu_committed'] for x in rs):.2f})"
+        fw = files_written.get(ph)
+        lines.append("| " + " | ".join([
+            ph, wall_s, cpu, f"{max(x['main_cpu'] for x in rs):.2f}",
+            f"{gib(min(fw))} .. {gib(max(fw))}" if fw else "0",
+            f"{gib(min(x['read'] for x in rs))} .. {gib(max(x['read'] for x in rs))}",
+            f"{max(x['peak_gib'] - x['before_gib'] for x in rs):.2f}", f"{max(x['peak_gib'] for x in rs):.2f}"]) + " |")
+    lines += ["", "## Per rank: file GiB written / peak RSS above the phase's start, GiB", ""]
+    per = [[i, f"{gib(r['v1_file_bytes'])} / {r['v1 save']['peak_gib'] - r['v1 save']['before_gib']:.2f}",
+            f"{gib(r['v2_bytes_by_writer'])} / "
+            f"{r['v2 save (blocking)']['peak_gib'] - r['v2 save (blocking)']['before_gib']:.2f}",
+            f"{gib(r['v2_bytes_by_writer'])} / "
+            f"{r['v2 save (async): stall']['peak_gib'] - r['v2 save (async): stall']['before_gib']:.2f}"]
+           for i, r in enumerate(ranks)]
+    lines.append(table(["rank", "v1 save", "v2 blocking", "v2 async"], per))
+    lines += ["", f"Files: v1 {ranks[0]['v1_files']}, v2 {ranks[0]['v2_files']} (+ meta.json each). File bytes "
+              "written: v2 from meta.json's writer_rank, v1 from the files each rank wrote. GiB read(): "
+              "/proc/self/io rchar, i.e. the sha256 checks of every file a rank touches (safetensors reads "
+              "the slices through mmap, not read()) plus gloo's socket reads. Loads read the checkpoint "
+              "written at the same layout; v1 through the v2 reader (whole tensors as pieces). Peak RSS: "
+              "VmHWM after resetting it through /proc/self/clear_refs at the start of the phase.", ""]
     return "\n".join(lines)
 
 
@@ -225,9 +244,9 @@ def main(argv=None) -> int:
                str(_free_port()), __file__, "--worker", str(scratch), "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--ffn", str(args.ffn), "--heads", str(args.heads)]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()[0]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
-        text = report(scratch, args, time.perf_counter() - start)
+        text = report(scratch, args, time.perf_counter() - start, (load_before, os.getloadavg()[0]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -230,3 +230,30 @@ def test_contract_optimizer_with_masters_round_trips_through_other_ranges(single
         assert torch.equal(a, b)
         for key in ("exp_avg", "exp_avg_sq", "main_param"):
             assert torch.equal(saved.optimizer.state[id(a)][key], loaded.optimizer.state[id(b)][key]), key
+
+
+def test_a_failed_background_write_is_reported_and_latest_stays(single_rank, tmp_path, monkeypatch):
+    import importlib
+
+    from megallm import checkpoint
+    from megallm.model.llama import LlamaChunk
+
+    save_mod = importlib.import_module("megallm.checkpoint.save")  # the package's `save` is the function
+
+    cfg = apply_overrides(load_yaml(ROOT / "configs/tiny.yaml"), {"num_layers": 2, "save": str(tmp_path)})
+    chunk = LlamaChunk(cfg, 0, 2, pre_process=True, post_process=True)
+    tr = StandInTrainer(cfg, [chunk], ContractOptimizer(list(chunk.parameters()), 2, seed=0))
+    checkpoint.save(tr, async_save=True)
+    assert checkpoint.wait_for_pending() is None
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(save_mod, "save_file", disk_full)
+    tr.iteration = 8
+    checkpoint.save(tr, async_save=True)
+    error = checkpoint.wait_for_pending()
+    assert "No space left on device" in error
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert not (tmp_path / "iter_0000008").exists()
+    assert (tmp_path / "iter_0000008.partial" / "done" / "rank_00000.failed").exists()

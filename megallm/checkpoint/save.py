@@ -144,6 +144,20 @@ def _fsync(path: Path) -> None:
 
 
 def write(snap: Snapshot) -> None:
+    """Write and hash this rank's files, then leave its marker (rank 0: then commit). A failure
+    leaves a .failed marker instead, so that rank 0 gives up at once rather than at the timeout."""
+    done = partial_dir(snap.root, snap.iteration) / "done"
+    try:
+        _write_files(snap)
+    except BaseException as e:
+        done.mkdir(parents=True, exist_ok=True)
+        (done / f"rank_{snap.rank:05d}.failed").write_text(f"{type(e).__name__}: {e}")
+        raise
+    if snap.rank == 0:
+        commit(snap)
+
+
+def _write_files(snap: Snapshot) -> None:
     partial = partial_dir(snap.root, snap.iteration)
     files = {}
     for kind, tensors in (("model", snap.model), ("optim", snap.optim)):
@@ -166,13 +180,14 @@ def write(snap: Snapshot) -> None:
     (partial / "done").mkdir(exist_ok=True)
     atomic_write(partial / "done" / f"rank_{snap.rank:05d}.json", json.dumps({"files": records,
                                                                               "pieces": snap.pieces}))
-    if snap.rank == 0:
-        commit(snap)
 
 
 def _wait_for_markers(done: Path, world_size: int, timeout_s: float) -> list[Path]:
     deadline = time.monotonic() + timeout_s
     while True:
+        failed = sorted(done.glob("rank_*.failed"))
+        if failed:
+            raise RuntimeError(f"{failed[0]}: {failed[0].read_text()}")
         markers = sorted(done.glob("rank_*.json"))
         if len(markers) >= world_size:
             return markers

@@ -119,8 +119,9 @@ def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, 
     return model_files, optim_files, step
 
 
-def save_v1(tr, root: str | Path) -> Path:
-    """The v1 save (collective). Writes ROOT/iter_N in the old format."""
+def save_v1(tr, root: str | Path) -> tuple[Path, int]:
+    """The v1 save (collective). Writes ROOT/iter_N in the old format; returns it and the bytes
+    of the files this rank wrote."""
     from megallm.checkpoint.save import _rng_state, layout
 
     rank, root = dist.get_rank(), Path(root)
@@ -153,4 +154,4 @@ def save_v1(tr, root: str | Path) -> Path:
         os.replace(partial, final)
         atomic_write(root / LATEST, str(tr.iteration))
     dist.barrier()
-    return final
+    return final, sum(r["bytes"] for r in hashes.values())
