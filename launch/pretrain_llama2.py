@@ -76,9 +76,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from megallm import platform
+    from megallm import checkpoint, platform
     from megallm.parallel.topology import initialize_model_parallel
-    from megallm import checkpoint
     from megallm.training import resilience
     from megallm.training.loop import StopTraining, Trainer
 

@@ -37,11 +37,11 @@ import torch
 from safetensors.torch import save_file
 
 from megallm import __version__
+from megallm.checkpoint.format import FORMAT, LATEST, file_record, iter_dir, verify_files
+from megallm.checkpoint.format import layer_file as file_of
 from megallm.checkpoint.hf_config import (DTYPES, HF_KEYS, ConversionError, generation_config, hf_config_from_model,
                                           model_config_from_hf, read_json, token_ids_of)
 from megallm.checkpoint.hf_files import DEFAULT_MAX_SHARD_SIZE, HFWeights, no_progress, stream_groups, write_hf_weights
-from megallm.checkpoint.format import FORMAT, LATEST, file_record, iter_dir, verify_files
-from megallm.checkpoint.format import layer_file as file_of
 from megallm.checkpoint.load import PieceReader, read_meta
 from megallm.config import Config, ModelConfig, apply_overrides, validate
 from megallm.files import atomic_write

@@ -107,11 +107,11 @@ def range_pieces(param: torch.Tensor, rects: list[PartRect], start: int, end: in
         for part in rects:
             lo = [max(a, b) for a, b in zip(rstart, part.local_start)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(rstart, rshape, part.local_start, part.shape)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if any(b <= a for a, b in zip(lo, hi)):
                 continue
-            shape = tuple(h - l for l, h in zip(lo, hi))
-            logical = tuple(ls + l - ps for ls, l, ps in zip(part.logical_start, lo, part.local_start))
-            inner = tuple(slice(l - r, h - r) for l, h, r in zip(lo, hi, rstart))
+            shape = tuple(b - a for a, b in zip(lo, hi))
+            logical = tuple(s + a - p for s, a, p in zip(part.logical_start, lo, part.local_start))
+            inner = tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, rstart))
             pieces.append(Piece(part.name, logical, shape, offset, rshape, inner))
     return pieces
 
@@ -125,9 +125,9 @@ def piece_view(flat: torch.Tensor, piece: Piece) -> torch.Tensor:
 def intersect(a: Box, b: Box) -> Box | None:
     lo = [max(x, y) for x, y in zip(a[0], b[0])]
     hi = [min(x + n, y + m) for x, n, y, m in zip(a[0], a[1], b[0], b[1])]
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(end <= start for start, end in zip(lo, hi)):
         return None
-    return tuple(lo), tuple(h - l for l, h in zip(lo, hi))
+    return tuple(lo), tuple(end - start for start, end in zip(lo, hi))
 
 
 def slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:

@@ -32,8 +32,7 @@ from safetensors.torch import save_file
 
 from megallm import __version__
 from megallm.checkpoint import async_writer
-from megallm.checkpoint.format import (FORMAT, LATEST, complete_iterations, file_record, iter_dir, partial_dir,
-                                       rank_file)
+from megallm.checkpoint.format import FORMAT, LATEST, complete_iterations, file_record, iter_dir, partial_dir, rank_file
 from megallm.checkpoint.optimizer_adapter import sharded_state_of
 from megallm.checkpoint.regions import part_rects, piece_view, range_pieces
 from megallm.files import atomic_write

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from megallm import __version__, platform
+from megallm import __version__, checkpoint, platform
 from megallm.config import Config
 from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
-from megallm import checkpoint
 from megallm.training import faults, resilience
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
