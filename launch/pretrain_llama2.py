@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from megallm import platform
+    from megallm import checkpoint, platform
     from megallm.parallel.topology import initialize_model_parallel
-    from megallm.training import checkpoint
+    from megallm.training import resilience
     from megallm.training.loop import StopTraining, Trainer
 
     if "RANK" not in os.environ:  # plain `python launch/...`: a world of one
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         rank0_print(f" resumed from {cfg.checkpoint.load} at iteration {loaded}" if loaded is not None
                     else f" no checkpoint in {cfg.checkpoint.load}: starting from scratch")
     if cfg.training.exit_signal_handler:
-        checkpoint.install_signal_handlers(trainer)
+        resilience.install_signal_handlers(trainer)
     from megallm.training import fault_tolerance
 
     fault_tolerance.attach(trainer)

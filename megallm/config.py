@@ -210,6 +210,9 @@ class CheckpointConfig:
     """Newest checkpoints to keep; 0 keeps all."""
     keep_iteration: bool = False  # a model-only (converted) checkpoint starts at iteration 0
     """Continue the iteration count of a model-only (converted) checkpoint instead of starting at 0."""
+    async_save: bool = False
+    """Megatron's --async-save: write checkpoint files on a background thread; the loop pays only for
+    the host copy of this rank's shards, and `latest` moves once every rank's files are written and hashed."""
 
 
 @dataclass

@@ -6,7 +6,7 @@ cheap (headers and small files only), deterministic, and runs on every rank, so 
 the same verdict. The full token scan of the data (megallm.data.check.check_data) is separate:
 it reads every token, and the launcher runs it on rank 0 only.
 
-Checkpoint directories are read through their on-disk layout (megallm/training/checkpoint.py's
+Checkpoint directories are read through their on-disk layout (megallm/checkpoint/format.py's
 module docstring): `latest_checkpointed_iteration.txt`, `iter_NNNNNNN/meta.json`. Nothing here
 loads tensors.
 """

@@ -68,7 +68,7 @@ def worker_pids(proc):
 
 def test_sigterm_checkpoints_at_the_next_boundary_and_exits_0(tmp_path):
     log, save = tmp_path / "log", tmp_path / "ckpt"
-    proc = launch("--train-iters", "200", "--log-dir", str(log), "--save", str(save))
+    proc = launch("--train-iters", "200", "--log-dir", str(log), "--save", str(save), "--async-save")
     wait_for_iteration(log, 3, proc)
     assert len(worker_pids(proc)) == 2
     for pid in worker_pids(proc):  # a scheduler signals every task of the job
@@ -79,7 +79,7 @@ def test_sigterm_checkpoints_at_the_next_boundary_and_exits_0(tmp_path):
     assert last < 200
     assert (save / "latest_checkpointed_iteration.txt").read_text() == str(last)
     meta = json.loads((save / f"iter_{last:07d}" / "meta.json").read_text())
-    assert meta["iteration"] == last and meta["consumed_samples"] == 16 * last
+    assert meta["iteration"] == last and meta["trainer"]["consumed_samples"] == 16 * last
     assert any(json.loads(l)["event"] == "signal" for l in (log / "events.jsonl").read_text().splitlines())
 
 
@@ -120,14 +120,14 @@ def test_damaged_checkpoint_file_falls_back_to_the_previous_one(killed_run, tmp_
     save = tmp_path / "ckpt"
     shutil.copytree(tmp / "ckpt", save)
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
-    damaged = save / f"iter_{latest:07d}" / "model" / "layer_00003.safetensors"
+    damaged = save / f"iter_{latest:07d}" / "model" / "rank_00001.safetensors"  # pp stage 1's layers
     data = bytearray(damaged.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in the tensor data: only the checksum can see it
     damaged.write_bytes(bytes(data))
     log = tmp_path / "log"
     code, out = finish(launch("--train-iters", str(latest + 1), "--log-dir", str(log), "--load", str(save)))
     assert code == 0, out[-3000:]
-    assert f"{damaged}: checksum mismatch (corrupted)" in out
+    assert f"{damaged}: checksum mismatch (corrupted; written by rank 1)" in out
     assert f"fell back to {save / f'iter_{latest - 3:07d}'}" in out
     assert records(log)[0]["iteration"] == latest - 2
 
@@ -152,6 +152,26 @@ def test_kill_during_save_leaves_the_previous_checkpoint_as_latest(tmp_path):
     assert "resumed from" in out and "at iteration 3" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "9"
     assert not (save / "iter_0000006.partial").exists()
+
+
+def test_kill_9_during_an_async_write_leaves_the_previous_checkpoint_as_latest(tmp_path):
+    log, save = tmp_path / "log", tmp_path / "ckpt"
+    # the writers of checkpoint 6 stall for a minute: training goes on, and is killed meanwhile
+    proc = launch("--train-iters", "200", "--log-dir", str(log), "--save", str(save), "--save-interval", "3",
+                  "--async-save", env={"MEGALLM_SLOW_SAVE": "6:60"})
+    wait_for_iteration(log, 8, proc)  # two iterations past the save: the loop did not wait for the write
+    assert (save / "iter_0000006.partial").is_dir() and not (save / "iter_0000006").exists()
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+    os.kill(worker_pids(proc)[0], signal.SIGKILL)
+    code, _ = finish(proc)
+    assert code != 0
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3" and not (save / "iter_0000006").exists()
+    code, out = finish(launch("--train-iters", "7", "--log-dir", str(tmp_path / "log2"), "--save", str(save),
+                              "--save-interval", "3", "--async-save", "--load", str(save)))
+    assert code == 0, out[-3000:]
+    assert f"resumed from {save} at iteration 3" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert [r["iteration"] for r in records(tmp_path / "log2")] == [4, 5, 6, 7]
 
 
 def test_hung_rank_is_restarted_by_ft_launcher_from_the_last_checkpoint(tmp_path):

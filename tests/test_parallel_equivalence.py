@@ -18,7 +18,6 @@ trajectories that differ by rounding, squared in the second moment, measured at 
 import math
 
 import pytest
-from safetensors.torch import load_file
 
 from tests.launch import run_scenarios
 
@@ -66,10 +65,16 @@ def scenario(name, tmp, layout):
 
 
 def weights(tmp, name, kind="model"):
-    out = {}
-    for f in sorted((tmp / f"ckpt_{name}" / "iter_0000005" / kind).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+    """Whole logical tensors of the final checkpoint, whatever layout wrote its pieces: the weights,
+    or (kind "optim") Adam's moments as "<name>.exp_avg" and "<name>.exp_avg_sq"."""
+    from megallm.checkpoint.load import PieceReader, read_meta
+
+    ckpt = tmp / f"ckpt_{name}" / "iter_0000005"
+    meta = read_meta(ckpt)
+    pieces = PieceReader(ckpt, meta)
+    states = ["param"] if kind == "model" else ["exp_avg", "exp_avg_sq"]
+    return {(t if state == "param" else f"{t}.{state}"): pieces.read(t, (0,) * len(shape), tuple(shape), state)
+            for t, shape in meta["tensors"].items() for state in states}
 
 
 # bf16 against fp32 (see test_bf16_distributed_optimizer_tracks_fp32): 30 iterations, the

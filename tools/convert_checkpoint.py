@@ -5,8 +5,8 @@
     python tools/convert_checkpoint.py --from megallm --to hf --input runs/x/ckpt --output llama-out --dtype bf16
     python tools/convert_checkpoint.py --from megallm --to megallm --input ckpt/a --output ckpt/b --tp 4 --pp 2 --vpp 2
 
-megallm checkpoints hold unsharded, HuggingFace-named fp32 tensors, one file per layer, so every
-layout reads the same files: --tp/--pp/--vpp are validated (tp divides heads, key/value groups,
+megallm checkpoints hold HuggingFace-named logical tensors (whole, one file per layer, when written
+here; as boxes written by each rank when training saved them), so every layout reads the same files: --tp/--pp/--vpp are validated (tp divides heads, key/value groups,
 ffn and vocab; pp x vpp divides the layers) and recorded as the intended layout, and
 megallm -> megallm is a checksum-verified copy under the new layout. Outputs are model-only:
 `launch/pretrain_llama2.py --load OUTPUT` starts a fresh optimizer and schedule. Tensors are
@@ -22,11 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megallm.checkpoint import convert
+from megallm.checkpoint import CheckpointError, convert, read_meta
 from megallm.checkpoint.hf_config import ConversionError
 from megallm.checkpoint.hf_files import parse_size
 from megallm.config import ConfigError
-from megallm.training.checkpoint import CheckpointError, read_meta
 
 
 def parse_args(argv):

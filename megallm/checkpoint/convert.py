@@ -1,19 +1,21 @@
 """Checkpoint conversion: HuggingFace LLaMA <-> megallm, and megallm between layouts.
 
-megallm checkpoints store logical, HuggingFace-named fp32 tensors, one file per layer (see
-megallm/training/checkpoint.py), so every (tp, pp, vpp) layout reads the same files:
+megallm checkpoints store boxes ("pieces") of logical, HuggingFace-named tensors (see
+megallm/checkpoint/format.py), so every (tp, pp, vpp) layout reads the same files. A model-only
+checkpoint written here holds whole tensors, one file per layer (each tensor one piece):
 
     hf -> megallm       rename nothing, split nothing: group the tensors by layer, cast to fp32,
                         write one layer file at a time; the requested layout is validated and
                         recorded in meta.json as the intended one.
-    megallm -> hf       read one tensor at a time (each file's sha256 checked first) into
+    megallm -> hf       assemble one logical tensor at a time from its pieces (each file's sha256
+                        checked first; training checkpoints of any layout, v1 and v2) into
                         safetensors shards of at most max_shard_size, plus config.json,
                         generation_config.json and the index transformers' from_pretrained reads.
     megallm -> megallm  "resharding" is a verified copy of the model files (checksums checked
                         before and after copying) under a new layout that is validated first: the
                         files are the same for every layout. Training checkpoints resume at any
                         layout without it; it exists to check a target layout and to strip the
-                        optimizer off a checkpoint.
+                        optimizer off a checkpoint (a v1 source comes out in the current format).
 
 Outputs are model-only checkpoints (meta.json without a scheduler: optimizer and schedule start
 fresh on --load) written into iter_N.partial/, renamed, then `latest` is written, as a training
@@ -23,6 +25,7 @@ save does; HuggingFace output is written to OUTPUT.partial/ and renamed. A failu
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -31,18 +34,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megallm import __version__
+from megallm.checkpoint.format import FORMAT, LATEST, file_record, iter_dir, verify_files
+from megallm.checkpoint.format import layer_file as file_of
 from megallm.checkpoint.hf_config import (DTYPES, HF_KEYS, ConversionError, generation_config, hf_config_from_model,
                                           model_config_from_hf, read_json, token_ids_of)
 from megallm.checkpoint.hf_files import DEFAULT_MAX_SHARD_SIZE, HFWeights, no_progress, stream_groups, write_hf_weights
+from megallm.checkpoint.load import PieceReader, read_meta
 from megallm.config import Config, ModelConfig, apply_overrides, validate
 from megallm.files import atomic_write
 from megallm.model import weight_mapping as wm
-from megallm.training import checkpoint as ckpt_mod
-from megallm.training.checkpoint import FORMAT, LATEST, file_of, iter_dir, read_meta
 
 # Buffers some old transformers versions saved with the weights; recomputed, never loaded.
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -137,28 +140,34 @@ class MegallmWriter:
         self.final = iter_dir(self.root, iteration)
         self.partial = Path(str(self.final) + ".partial")
         self.files: dict[str, dict] = {}
+        self.pieces: list[dict] = []
 
-    def _record(self, fname: str) -> dict:
-        path = self.partial / "model" / fname
-        self.files[f"model/{fname}"] = ckpt_mod.file_record(path)
-        return self.files[f"model/{fname}"]
+    def _record(self, name: str, writer_rank: int = 0) -> dict:
+        self.files[name] = file_record(self.partial / name, writer_rank)
+        return self.files[name]
 
     def write(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
         save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()},
                   str(self.partial / "model" / fname), metadata={"format": FORMAT})
-        self._record(fname)
+        self._record(f"model/{fname}")
+        self.pieces += [{"t": k, "at": [0] * v.ndim, "shape": list(v.shape), "file": f"model/{fname}", "key": k}
+                        for k, v in tensors.items()]
 
-    def copy_verified(self, src_ckpt: Path, src_meta: dict, fname: str) -> None:
-        name = f"model/{fname}"
-        ckpt_mod.verify_files(src_ckpt, src_meta, [name])
+    def copy_verified(self, src_ckpt: Path, src_meta: dict, name: str) -> None:
+        """Copy one model/ file with its pieces (weights only), checksums checked before and after."""
+        verify_files(src_ckpt, src_meta, [name])
+        (self.partial / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_ckpt / name, self.partial / name)
-        if self._record(fname)["sha256"] != src_meta["files"][name]["sha256"]:
+        writer = src_meta["files"][name].get("writer_rank", 0)
+        if self._record(name, writer)["sha256"] != src_meta["files"][name]["sha256"]:
             raise ConversionError(f"{self.partial / name}: checksum differs from {src_ckpt / name} after copying")
+        self.pieces += [{k: v for k, v in p.items() if k != "optim"} for p in src_meta["pieces"] if p["file"] == name]
 
     def commit(self, cfg: Config, extra: dict) -> Path:
         p = cfg.parallel
         meta = {"format": FORMAT, "megallm_version": __version__, "iteration": self.iteration,
-                "config": cfg.to_dict(),
+                "config": cfg.to_dict(), "pieces": self.pieces,
+                "tensors": {k: list(v) for k, v in expected_shapes(cfg).items()},
                 "layout": {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                            "vpp": p.virtual_pipeline_model_parallel_size, "dp": None, "world_size": None,
                            "use_distributed_optimizer": False, "intended": True},
@@ -193,35 +202,34 @@ def resolve_megallm(path: str | Path) -> Path:
 
 
 class MegallmReader:
-    """Logical tensors of a megallm checkpoint, one model/ file open at a time, each file's size
-    and sha256 checked before it is read."""
+    """Whole logical tensors of a megallm checkpoint (any format, any layout that wrote it),
+    assembled from their pieces; each file's size and sha256 checked before its first read."""
 
     def __init__(self, ckpt: Path, meta: dict):
         self.ckpt, self.meta = ckpt, meta
-        self._fname, self._file = None, None
+        self.pieces = PieceReader(ckpt, meta)
 
     def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Names and shapes of every file against the model config, from headers only."""
-        for fname, names in megallm_files(shapes):
-            path = self.ckpt / "model" / fname
-            if f"model/{fname}" not in self.meta["files"] or not path.exists():
-                raise ConversionError(f"{path}: missing")
-            with safe_open(str(path), framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise ConversionError(f"{path}: no tensor '{name}'")
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != shapes[name]:
-                        raise ConversionError(f"{path}: '{name}' has shape {shape}, the config in meta.json "
-                                              f"says {shapes[name]}")
+        """Every tensor present, at its shape, and covered by its pieces, from meta.json and headers only."""
+        where = self.ckpt / "meta.json"
+        for name, shape in shapes.items():
+            saved = self.meta.get("tensors", {}).get(name)
+            if saved is None:
+                raise ConversionError(f"{where}: no tensor '{name}'")
+            if tuple(saved) != tuple(shape):
+                raise ConversionError(f"{where}: '{name}' has shape {tuple(saved)}, the config in meta.json "
+                                      f"says {shape}")
+            stored = sum(math.prod(p["shape"]) for p in self.pieces.by_name.get(name, []))
+            if stored != math.prod(shape):
+                raise ConversionError(f"{where}: pieces of '{name}' hold {stored} of {math.prod(shape)} elements")
+        for f in {p["file"] for p in self.meta["pieces"]}:
+            if not (self.ckpt / f).exists():
+                raise ConversionError(f"{self.ckpt / f}: missing")
 
     def get(self, name: str) -> torch.Tensor:
-        fname = file_of(name)
-        if fname != self._fname:
-            ckpt_mod.verify_files(self.ckpt, self.meta, [f"model/{fname}"])
-            self._fname, self._file = fname, safe_open(str(self.ckpt / "model" / fname), framework="pt")
-        return self._file.get_tensor(name)
+        """The fp32 weights (the fp32 masters when the checkpoint has them)."""
+        shape = tuple(self.meta["tensors"][name])
+        return self.pieces.read(name, (0,) * len(shape), shape, "main_param")
 
 
 def _open_megallm(src: str | Path) -> tuple[Path, dict, Config]:
@@ -300,11 +308,16 @@ def reshard(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, vpp: Opt
     ckpt, meta, source_cfg = _open_megallm(src)
     cfg = target_config(source_cfg.model, tp, pp, vpp, str(ckpt / "meta.json"))
     shapes = expected_shapes(cfg)
-    MegallmReader(ckpt, meta).check_shapes(shapes)
+    reader = MegallmReader(ckpt, meta)
+    reader.check_shapes(shapes)
     writer = MegallmWriter(dst, iteration=int(meta.get("iteration", 0)))
     with writer.open():
-        for fname, _ in progress(megallm_files(shapes), desc="megallm -> megallm", unit="file"):
-            writer.copy_verified(ckpt, meta, fname)
+        if meta.get("converted_from_format") or "main_param" in meta.get("optimizer", {}).get("keys", []):
+            # v1 files, or low-precision weights beside fp32 masters: rewritten whole, in fp32
+            stream_groups(megallm_files(shapes), reader.get, writer.write, progress, desc="megallm -> megallm")
+        else:
+            for name in progress(sorted({p["file"] for p in meta["pieces"]}), desc="megallm -> megallm", unit="file"):
+                writer.copy_verified(ckpt, meta, name)
         extra = {"converted_from": {"format": "megallm", "path": str(ckpt.resolve()), "layout": meta.get("layout")}}
         if meta.get("hf_token_ids"):
             extra["hf_token_ids"] = meta["hf_token_ids"]

@@ -194,17 +194,21 @@ class DistributedOptimizer:
 
     # -- checkpoint contract (megallm.training.optimizer_state) ----------------------------------
     def sharded_state(self) -> tuple[list[OptimizerShard], dict]:
-        """This rank's ranges. Without the distributed optimizer every data-parallel rank holds
-        everything, and data-parallel rank 0 alone reports it, so the ranges stay disjoint."""
-        if not self.distributed and self.dp_rank != 0:
-            return [], self._scalars()
+        """This rank's ranges, disjoint over data parallel. Without the distributed optimizer every
+        data-parallel rank holds everything, and reports the d-th of dp contiguous cuts of each
+        piece, so the replicas share the checkpoint writing evenly."""
         shards = []
         for x in self.pieces:
             state = self.optimizer.state.get(x.master, {})
             tensors = {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
             if self.main_params_are_copies:
                 tensors["main_param"] = x.master
-            shards.append(OptimizerShard(x.param, x.start, x.end, tensors))
+            start, end = x.start, x.end
+            if not self.distributed:
+                n = end - start
+                start, end = x.start + n * self.dp_rank // self.dp_size, x.start + n * (self.dp_rank + 1) // self.dp_size
+                tensors = {k: t.view(-1)[start - x.start:end - x.start] for k, t in tensors.items()}
+            shards.append(OptimizerShard(x.param, start, end, tensors))
         return shards, self._scalars()
 
     def _scalars(self) -> dict:

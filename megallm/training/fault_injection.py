@@ -10,6 +10,8 @@
                                       whole batches, which the corpus' own shuffling never produces
     MEGALLM_CRASH_IN_SAVE="I"         rank 0 dies (os._exit) while writing checkpoint I, after the
                                       files are written and before the directory is renamed
+    MEGALLM_SLOW_SAVE="I:S"           every rank's checkpoint writer sleeps S seconds while writing
+                                      checkpoint I (files written, not yet hashed nor committed)
     MEGALLM_HANG="R:I:MARKER"         rank R stops responding at iteration I (sleeps) unless MARKER
                                       exists, which it creates: the restarted job runs through
 """
@@ -59,6 +61,12 @@ def maybe_plant_junk(tokens: torch.Tensor, labels: torch.Tensor, samples, vocab_
 def maybe_crash_in_save(iteration: int) -> None:
     if os.environ.get("MEGALLM_CRASH_IN_SAVE") == str(iteration) and dist.get_rank() == 0:
         os._exit(17)
+
+
+def maybe_stall_in_write(iteration: int) -> None:
+    for it, seconds in _entries("MEGALLM_SLOW_SAVE"):
+        if int(it) == iteration:
+            time.sleep(float(seconds))
 
 
 def maybe_hang(iteration: int) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megallm import __version__, platform
+from megallm import __version__, checkpoint, platform
 from megallm.config import Config
 from megallm.data import sampler
 from megallm.model import weight_mapping
@@ -27,6 +27,7 @@ from megallm.parallel import sequence_parallel
 from megallm.parallel.distributed_optimizer import DistributedOptimizer
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
 from megallm.training import fault_injection as faults
+from megallm.training import resilience
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
 from megallm.training.spikes import RollbackPolicy, SpikeDecision, SpikeDetector
@@ -46,8 +47,7 @@ def _ps():
     return parallel_state
 
 
-class StopTraining(Exception):
-    """The run cannot go on (spike_action=stop, or rollbacks exhausted); the message says why."""
+StopTraining = resilience.StopTraining
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Trainer:
     iteration: int = 0
     consumed_samples: int = 0
     stop_requested: bool = False
+    resume_data_state: Optional[dict] = None  # data state of the checkpoint loaded (datasets are built from it)
     # f(trainer, record) after each iteration; the loop itself keeps no history (bounded memory over any run)
     callbacks: list = field(default_factory=list)
 
@@ -86,13 +87,12 @@ class Trainer:
         runner = PipelineRunner(model, cfg, cfg.num_micro_batches(world_size), loss_fn, device)
         runner.warmup()
         optimizer = build_optimizer(model, cfg)  # moves the parameters into its flat buffers
-        if datasets is None:
+        if datasets is None and not cfg.checkpoint.load:
             from megallm.data.dataset import build_datasets
-            from megallm.training.checkpoint import resume_data_state
 
-            datasets = build_datasets(cfg, resume_state=resume_data_state(cfg.checkpoint.load)
-                                      if cfg.checkpoint.load else None)
-        train_ds, valid_ds = datasets[0], datasets[1]
+            datasets = build_datasets(cfg)
+        # With --load, the datasets wait for the checkpoint actually loaded (build_datasets below).
+        train_ds, valid_ds = datasets[:2] if datasets is not None else (None, None)
         exclude = None
         if cfg.data.exclude_samples:
             exclude = np.array(sorted(sampler.load_exclude_samples(cfg.data.exclude_samples)), dtype=np.int64)
@@ -102,6 +102,41 @@ class Trainer:
                    optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg),
                    detector=SpikeDetector.from_config(cfg.spike), policy=RollbackPolicy.from_config(cfg.spike),
                    train_ds=train_ds, valid_ds=valid_ds, logger=logger, exclude=exclude)
+
+    def build_datasets(self) -> None:
+        """Datasets from the data state of the checkpoint loaded (collective; once)."""
+        if self.train_ds is not None:
+            return
+        from megallm.data.dataset import build_datasets
+
+        self.train_ds, self.valid_ds = build_datasets(self.cfg, resume_state=self.resume_data_state)[:2]
+
+    def state_dict(self) -> dict:
+        """The trainer's own progress (JSON), as the checkpoint stores it."""
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "scheduler": self.scheduler.state_dict(), "detector": self.detector.state_dict(),
+                "policy": self.policy.state_dict(), "data_state": self.data_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Progress from a checkpoint; a model-only one gives just its iteration."""
+        self.iteration = state.get("iteration", 0)
+        self.consumed_samples = state.get("consumed_samples", 0)
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.step(increment=0)  # re-applies the restored learning rate to the param groups
+        if "detector" in state:
+            self.detector.load_state_dict(state["detector"])
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+        self.resume_data_state = state.get("data_state")
+
+    def data_state(self) -> Optional[dict]:
+        """Where each dataset of the blend stands, so a resume with another --data-path replays nothing."""
+        if not self.cfg.data.data_path or self.train_ds is None:
+            return self.resume_data_state
+        from megallm.data.blend import data_state
+
+        return data_state(self.train_ds, self.cfg.data.data_path, self.consumed_samples, self.exclude)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -215,9 +250,7 @@ class Trainer:
                                f"z {decision.loss_zscore}); samples {consumed_before}..{self.consumed_samples - 1} "
                                f"(spike_action=stop)")
         if action == "rollback":
-            from megallm.training import checkpoint
-
-            checkpoint.rollback(self)
+            resilience.rollback(self)
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -237,12 +270,19 @@ class Trainer:
 
     def train(self) -> None:
         """Iterate until train_iters, a stop signal, or a StopTraining."""
-        from megallm.training import checkpoint
-
         cfg = self.cfg
+        self.build_datasets()
         self.logger.run_info(run_info(self), cfg.to_dict())
         self.logger.event("start" if self.iteration == 0 else "resume", self.iteration,
                           consumed_samples=self.consumed_samples)
+        try:
+            self._train_loop()
+        finally:
+            checkpoint.wait_for_pending()  # a background write is committed (or reported) before we return
+        self.logger.event("stop", self.iteration, consumed_samples=self.consumed_samples)
+
+    def _train_loop(self) -> None:
+        cfg = self.cfg
         while self.iteration < cfg.training.train_iters:
             record = self.train_step()
             t = cfg.training
@@ -253,13 +293,12 @@ class Trainer:
                 print(progress_line(record, t.train_iters), flush=True)
             for callback in self.callbacks:
                 callback(self, record)
-            saved = checkpoint.maybe_save(self)
-            if self.stop_requested:
-                if not saved and cfg.checkpoint.save:
-                    checkpoint.save(self)
+            stop = resilience.stop_vote(self)
+            if cfg.checkpoint.save and (stop or checkpoint.due(cfg, self.iteration)):
+                checkpoint.save(self)
+            if stop:
                 self.logger.event("signal", self.iteration, saved=bool(cfg.checkpoint.save))
                 break
-        self.logger.event("stop", self.iteration, consumed_samples=self.consumed_samples)
 
 
 def run_info(tr: Trainer) -> dict:

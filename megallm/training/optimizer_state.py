@@ -12,6 +12,9 @@ parameter, or none of it; without one, every data-parallel rank holds everything
     optimizer.load_sharded_state(read, scalars)
         read(param, start, end, key) -> 1-D fp32 tensor of end - start values; the optimizer calls
         it for every range whose state this rank holds.
+    optimizer.reload_masters_from_params()
+        the weights were written into the parameters directly (every load does this first, and a
+        model-only checkpoint stops there): fp32 masters, where kept, are set from them.
 
 Keys of `OptimizerShard.tensors`: "exp_avg", "exp_avg_sq" (Adam moments) and "main_param" (the
 fp32 master copy) when the model's parameters are kept in a lower precision.

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from megallm.checkpoint.convert import config_from_meta, resolve_megallm  # noqa: E402
 from megallm.config import apply_overrides  # noqa: E402
-from megallm.training import checkpoint  # noqa: E402
+from megallm import checkpoint  # noqa: E402
 from megallm.training.loop import Trainer  # noqa: E402
 from tests.distributed.scenarios import load_spec, set_up_layout  # noqa: E402
 

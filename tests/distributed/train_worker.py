@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
 
-from megallm.training import checkpoint  # noqa: E402
+from megallm import checkpoint  # noqa: E402
 from megallm.training.loop import StopTraining, Trainer  # noqa: E402
 from tests.distributed import precision_checks  # noqa: E402
 from tests.distributed.scenarios import each_scenario, load_spec  # noqa: E402
