@@ -43,17 +43,22 @@ SCENARIOS = [
         "train_iters": 300}} for seed in (1234, 7, 8, 9)],
     {"name": "planted_batches", "kind": "planted", "planted_iterations": [40, 41, 75, 110, 111, 112, 150, 180],
      "overrides": {"seed": 11, "global_batch_size": 4, "micro_batch_size": 4, "train_iters": 200}},
-    {"name": "planted_batches_b16", "kind": "planted", "planted_iterations": [70, 71, 140, 205, 260],
-     "overrides": {"seed": 12, "global_batch_size": 16, "micro_batch_size": 16, "train_iters": 300}},
+    {"name": "planted_batches_b16", "kind": "planted", "planted_iterations": [30, 31, 70, 100],
+     "overrides": {"seed": 12, "global_batch_size": 16, "micro_batch_size": 16, "train_iters": 120}},
+    {"name": "planted_batches_b1", "kind": "planted", "planted_iterations": [30, 60, 61, 120, 200, 250, 251, 252],
+     "overrides": {"seed": 13, "global_batch_size": 1, "micro_batch_size": 1, "train_iters": 300}},
     *[{"name": f"high_lr_beta2_s{seed}", "kind": "instability", "overrides": {
-        "seed": seed, "global_batch_size": 4, "micro_batch_size": 4, "lr": 3e-2, "adam_beta2": 0.999,
+        "seed": seed, "global_batch_size": 2, "micro_batch_size": 2, "lr": 3e-2, "adam_beta2": 0.999,
         "lr_warmup_iters": 2, "train_iters": 200}} for seed in (3, 4)],
     {"name": "nan_one_rank", "kind": "nan", "nan_iterations": [60, 61, 130],
-     "overrides": {"seed": 5, "global_batch_size": 4, "micro_batch_size": 4, "train_iters": 160}},
-    *[_clean(f"clean_b1_lr{lr:g}_s{seed}", seed, 1, lr, 300) for seed, lr in ((1, 1e-3), (2, 3e-3), (3, 1e-2))],
-    *[_clean(f"clean_b4_lr{lr:g}_s{seed}", seed, 4, lr, 300, warmup=w)
-      for seed, lr, w in ((4, 1.5e-3, 20), (5, 6e-3, 5), (6, 3e-3, 0))],
-    *[_clean(f"clean_b16_lr{lr:g}_s{seed}", seed, 16, lr, 300) for seed, lr in ((7, 1.5e-3), (8, 3e-3))],
+     "overrides": {"seed": 5, "global_batch_size": 1, "micro_batch_size": 1, "train_iters": 160}},
+    *[_clean(f"clean_b1_lr{lr:g}_s{seed}", seed, 1, lr, 300, warmup=w)
+      for seed, lr, w in ((1, 1e-3, 20), (2, 3e-3, 20), (3, 1e-2, 20), (21, 1.5e-3, 0), (22, 6e-3, 5), (23, 3e-3, 50))],
+    *[_clean(f"clean_b2_lr{lr:g}_s{seed}", seed, 2, lr, 300, warmup=w)
+      for seed, lr, w in ((31, 1.5e-3, 20), (32, 6e-3, 5))],
+    _clean("clean_b4_lr1.5e-3_s4", 4, 4, 1.5e-3, 200),
+    _clean("clean_b4_lr6e-3_s5", 5, 4, 6e-3, 200, warmup=5),
+    _clean("clean_b16_lr1.5e-3_s7", 7, 16, 1.5e-3, 120),
 ]
 
 

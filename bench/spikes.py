@@ -206,13 +206,15 @@ SCENARIO_TEXT = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", action="store_true", help="re-record bench/traces/ from real runs first")
+    parser.add_argument("--record-all", action="store_true", help="with --record: also the traces already there")
     parser.add_argument("--only", action="append", help="with --record: just this scenario (repeatable)")
     parser.add_argument("--skip-vs-warn", action="store_true", help="train the issue's run with skip and warn")
     parser.add_argument("--default", default="trend log", help="the detector row reported as the default")
     args = parser.parse_args(argv)
     if args.record:
         for sc in spike_traces.SCENARIOS:
-            if not args.only or sc["name"] in args.only:
+            if (args.only and sc["name"] in args.only) or (not args.only and (args.record_all or not (
+                    spike_traces.TRACES / f"{sc['name']}.jsonl").exists())):
                 print(f"recording {sc['name']}", flush=True)
                 spike_traces.record(sc)
     traces = [spike_traces.load_trace(p) for p in sorted(spike_traces.TRACES.glob("*.jsonl"))]

@@ -393,24 +393,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
 
 
 def lint_hyperparameters(cfg: Config) -> list[str]:
-    """Settings that ran but hurt real 70B runs (see shared/REFERENCE.md): warnings, not errors."""
-    o, m = cfg.optimizer, cfg.model
-    warnings = []
-    if o.adam_beta2 >= 0.99:
-        warnings.append(f"adam_beta2={o.adam_beta2}: caused loss spikes in large runs; use 0.95")
-    if o.adam_eps >= 1e-6:
-        warnings.append(f"adam_eps={o.adam_eps}: 1e-6 or larger damps updates of rare parameters; use 1e-8")
-    if m.hidden_dropout > 0 or m.attention_dropout > 0:
-        warnings.append(f"hidden_dropout={m.hidden_dropout}, attention_dropout={m.attention_dropout}: "
-                        "dropout is off in LLaMA2 pretraining; use 0.0")
-    if warmup_iters(cfg) == 0:
-        warnings.append("lr_warmup_iters=0 and no lr_warmup_fraction: no warmup; use lr_warmup_fraction 0.01")
-    if o.weight_decay < 0.05:
-        warnings.append(f"weight_decay={o.weight_decay}: too low was seen to spike in bf16; use 0.1")
-    if o.lr > 1e-3:
-        warnings.append(f"lr={o.lr}: above 1e-3 is far above LLaMA2's 1.5e-4 (70B) / 3e-4 (7B); "
-                        "fine for tiny models, risky at scale")
-    return warnings
+    """Settings that run but are known to spike or slow training: warnings, not errors. The rules and
+    their sources are megallm/training/hyperparams.py, which the spike report's advice reads too."""
+    from megallm.training.hyperparams import violations
+
+    return [f"{evidence}: {rule.why}; {rule.fix}" for rule, evidence in violations(cfg)]
 
 
 def warmup_iters(cfg: Config) -> int:
