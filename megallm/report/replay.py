@@ -73,3 +73,41 @@ def replay_metrics(metrics: list[dict], spike_cfg, save_interval: int = 0,
         if save_interval and it % save_interval == 0:
             saved[it] = (detector.state_dict(), policy.state_dict())
     return out
+
+
+def _short(its: list[int], limit: int = 20) -> str:
+    if not its:
+        return "none"
+    return ", ".join(str(i) for i in its[:limit]) + (f" (+{len(its) - limit} more)" if len(its) > limit else "")
+
+
+def compare(run, overrides: dict) -> dict:
+    """What a detector (the run's spike config with `overrides`) flags over the run's metrics,
+    next to what the run flagged."""
+    import dataclasses
+
+    from megallm.config import Config, ConfigError, apply_overrides, validate
+
+    cfg = copy.deepcopy(run.config) if run.config is not None else Config()
+    try:
+        apply_overrides(cfg, overrides, where="replay flags")
+    except ConfigError as e:
+        from megallm.report.logs import ReportError
+        raise ReportError(str(e)) from e
+    errors = [e for e in validate(cfg) if e.startswith("spike_")]
+    if errors:
+        from megallm.report.logs import ReportError
+        raise ReportError(errors[0])
+    decisions = replay_metrics(run.metrics, cfg.spike, cfg.checkpoint.save_interval, follow_log=False)
+    steps = [(r, d) for r, d in zip(run.metrics, decisions) if d is not None]
+    ran = [r["iteration"] for r, _ in steps if logged_spike(r)]
+    flagged = [{"iteration": r["iteration"], **d.to_dict()} for r, d in steps if d.spike]
+    rep = [f["iteration"] for f in flagged]
+    s = cfg.spike
+    return {"steps": len(steps), "detector": ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s)
+                                                        if f.name in ("spike_method", "spike_zscore", "spike_grad_zscore",
+                                                                      "spike_window", "spike_min_history",
+                                                                      "spike_log_loss", "spike_suspicious_zscore")),
+            "run": ran, "replay": rep, "run_text": _short(ran), "replay_text": _short(rep),
+            "both": sorted(set(ran) & set(rep)), "only_run": _short(sorted(set(ran) - set(rep))),
+            "only_replay": _short(sorted(set(rep) - set(ran))), "flagged": flagged}
