@@ -113,16 +113,16 @@ class SpikeConfig:
     spike_action: str = "skip"  # skip | rollback | warn | stop
     spike_window: int = 128
     spike_min_history: int = 32
-    spike_zscore: float = 6.0
-    spike_grad_zscore: float = 6.0
+    spike_zscore: float = 5.0  # robust z of spike_method; 5 chosen on bench/results/spikes.md
+    spike_grad_zscore: float = 10.0  # the grad norm is heavy-tailed at small batches: 6 skipped clean steps
     spike_max_skips: int = 3
     spike_skip_window: int = 50
     spike_rollback_skip_samples: int = 0
     spike_max_rollbacks: int = 2
     # The detector's statistic (megallm/training/spikes.py; chosen on bench/results/spikes.md):
-    # trend | mad | ema | meanstd | olmo | megatron. spike_zscore and spike_grad_zscore are robust
+    # ema | trend | mad | meanstd | olmo | megatron. spike_zscore and spike_grad_zscore are robust
     # z-scores of this method.
-    spike_method: str = "trend"
+    spike_method: str = "ema"
     spike_log_loss: bool = True  # judge log(loss) and log(grad norm): a spike is a ratio
     # A value above this z (but under spike_zscore) enters the window clipped to it, so a missed
     # spike cannot widen the spread that the next one is judged against.
@@ -358,8 +358,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
          f"vocab_size={m.vocab_size}: padded size {cfg.padded_vocab_size} must divide by tensor_model_parallel_size={tp}")
     rule(cfg.spike.spike_action in ("skip", "rollback", "warn", "stop"),
          f"spike_action={cfg.spike.spike_action!r}: must be one of skip, rollback, warn, stop")
-    rule(cfg.spike.spike_method in ("trend", "mad", "ema", "meanstd", "olmo", "megatron"),
-         f"spike_method={cfg.spike.spike_method!r}: must be one of trend, mad, ema, meanstd, olmo, megatron")
+    rule(cfg.spike.spike_method in ("ema", "trend", "mad", "meanstd", "olmo", "megatron"),
+         f"spike_method={cfg.spike.spike_method!r}: must be one of ema, trend, mad, meanstd, olmo, megatron")
     rule(0 < cfg.spike.spike_suspicious_zscore <= cfg.spike.spike_zscore,
          f"spike_suspicious_zscore={cfg.spike.spike_suspicious_zscore}: must be in (0, spike_zscore]")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,

@@ -84,8 +84,6 @@ def _short(its: list[int], limit: int = 20) -> str:
 def compare(run, overrides: dict) -> dict:
     """What a detector (the run's spike config with `overrides`) flags over the run's metrics,
     next to what the run flagged."""
-    import dataclasses
-
     from megallm.config import Config, ConfigError, apply_overrides, validate
 
     cfg = copy.deepcopy(run.config) if run.config is not None else Config()
@@ -104,10 +102,9 @@ def compare(run, overrides: dict) -> dict:
     flagged = [{"iteration": r["iteration"], **d.to_dict()} for r, d in steps if d.spike]
     rep = [f["iteration"] for f in flagged]
     s = cfg.spike
-    return {"steps": len(steps), "detector": ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s)
-                                                        if f.name in ("spike_method", "spike_zscore", "spike_grad_zscore",
-                                                                      "spike_window", "spike_min_history",
-                                                                      "spike_log_loss", "spike_suspicious_zscore")),
+    shown = ("spike_method", "spike_zscore", "spike_grad_zscore", "spike_window", "spike_min_history",
+             "spike_log_loss", "spike_suspicious_zscore")
+    return {"steps": len(steps), "detector": ", ".join(f"{name}={getattr(s, name)}" for name in shown),
             "run": ran, "replay": rep, "run_text": _short(ran), "replay_text": _short(rep),
             "both": sorted(set(ran) & set(rep)), "only_run": _short(sorted(set(ran) - set(rep))),
             "only_replay": _short(sorted(set(rep) - set(ran))), "flagged": flagged}

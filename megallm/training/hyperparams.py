@@ -93,18 +93,22 @@ def _lr(cfg):  # the report's old batch-size rule asked the demo's 1.8M-paramete
 
 RULES = [
     Rule("adam_beta2", _beta2, "use adam_beta2 0.95",
-         "a second moment that lags sudden gradient growth lets updates blow up: loss spikes (Llama 2 and GPT-3 papers)"),
+         "a second moment that lags sudden gradient growth lets updates blow up: loss spikes "
+         "(Llama 2 and GPT-3 papers)"),
     Rule("adam_eps", _eps, "use adam_eps 1e-8",
-         "an epsilon near the gradients' RMS damps the updates of layers with small gradients (Wortsman et al. 2023); "
-         "raising it is not a spike fix"),
+         "an epsilon near the gradients' RMS damps the updates of layers with small gradients "
+         "(Wortsman et al. 2023); raising it is not a spike fix"),
     Rule("weight_decay", _weight_decay, "use weight_decay 0.1",
-         "LLaMA2 and GPT-3 pretrain with 0.1; less lets weights and logits grow, which spikes in bf16 (Llama 2 and GPT-3 papers)"),
+         "LLaMA2 and GPT-3 pretrain with 0.1; less lets weights and logits grow, which spikes in bf16 "
+         "(Llama 2 and GPT-3 papers)"),
     Rule("dropout", _dropout, "use hidden_dropout and attention_dropout 0.0",
          "LLaMA2 pretrains without dropout (released Llama 2 configs)"),
     Rule("warmup", _warmup, "use lr_warmup_fraction 0.01 (linear from lr_warmup_init)",
-         "every published recipe warms up; Adam's first steps are its noisiest (Llama 2, GPT-3 papers; Megatron-LM examples)"),
+         "every published recipe warms up; Adam's first steps are its noisiest "
+         "(Llama 2, GPT-3 papers; Megatron-LM examples)"),
     Rule("lr", _lr, "lower lr towards the published lr for the model's size",
-         "lr tolerance falls with model size (GPT-3 paper; Wortsman et al. 2023); far above the published figure spikes"),
+         "lr tolerance falls with model size (GPT-3 paper; Wortsman et al. 2023); far above the published "
+         "figure spikes"),
 ]
 
 

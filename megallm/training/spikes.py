@@ -10,16 +10,17 @@ A spike is flagged when, with at least `min_history` accepted iterations in the 
     z(grad_norm) = (f(norm) - center) / scale      > grad_zscore,
 
 and always when the loss or the gradient is NaN/Inf. f is log when `log_loss` is set (a spike is
-then a ratio: 1.4x the loss is the same z early and late in training). Only upward deviations
+then a ratio of losses, whatever the loss level). Only upward deviations
 count: a loss that falls fast is progress. `method` chooses center and scale (bench/results/spikes.md
 compares them on recorded runs):
 
+    ema       (default) residuals against an exponential moving average (span 16) of the accepted
+              values, which follows the initial drop; center = EMA + median residual, scale =
+              1.4826 x MAD of the residuals.
     trend     a robust straight line through the window (median of pairwise slopes, median
               intercept) extrapolated one step; scale 1.4826 x the median absolute residual. The
               initial loss drop is a trend, not noise, so it no longer inflates the scale.
     mad       median and 1.4826 x the median absolute deviation.
-    ema       exponential moving average (span 16) of the values; center = EMA + median residual,
-              scale = 1.4826 x MAD of the residuals.
     meanstd   mean and sample standard deviation (megallm before the benchmark).
     olmo      mean and standard deviation of the last 128 values, 6 sigma, every value learned,
               flagged or not (OLMo-core's rule, as described in megallm issue 17).
@@ -42,7 +43,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-METHODS = ("trend", "mad", "ema", "meanstd", "olmo", "megatron")
+METHODS = ("ema", "trend", "mad", "meanstd", "olmo", "megatron")
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD x this estimates sigma for normal noise
 EMA_SPAN = 16
 OLMO_WINDOW, OLMO_ZSCORE = 128, 6.0
@@ -196,7 +197,7 @@ class SpikeDecision:
     loss_std: Optional[float]  # the window's scale, as a loss (sigma-equivalent)
     grad_norm_mean: Optional[float]
     grad_norm_std: Optional[float]
-    method: str = "trend"
+    method: str = "ema"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,8 +208,8 @@ def _finite_or_none(x: Optional[float]) -> Optional[float]:
 
 
 class SpikeDetector:
-    def __init__(self, window: int = 128, min_history: int = 32, zscore: float = 6.0, grad_zscore: float = 6.0,
-                 method: str = "trend", log_loss: bool = True, suspicious: Optional[float] = 3.0):
+    def __init__(self, window: int = 128, min_history: int = 32, zscore: float = 5.0, grad_zscore: float = 10.0,
+                 method: str = "ema", log_loss: bool = True, suspicious: Optional[float] = 3.0):
         if method not in STATISTICS:
             raise ValueError(f"spike method {method!r}: must be one of {', '.join(METHODS)}")
         if method == "olmo":
