@@ -30,32 +30,35 @@ from megallm.training.spikes import RollbackPolicy, SpikeDetector, replay
 RESULTS = benchlib.ROOT / "bench" / "results" / "spikes.md"
 TARGET_RECALL, TARGET_FALSE_SKIPS = 0.95, 0.002
 
-# (label, method, log, suspicious, z): today's rule and the published ones as they are, the
-# robust ones on loss and on log-loss, with and without the suspicious clipping.
+# (label, method, log, suspicious, z, grad z): the rule before this benchmark and the published ones
+# as they are, the robust ones on loss and on log-loss, with and without the suspicious clipping.
 DETECTORS = [
-    ("meanstd (before)", "meanstd", False, None, 6.0),
-    ("olmo", "olmo", False, None, 6.0),
-    ("megatron", "megatron", False, None, 6.0),
-    ("mad", "mad", False, 3.0, 6.0),
-    ("mad log", "mad", True, 3.0, 6.0),
-    ("ema", "ema", False, 3.0, 6.0),
-    ("ema log", "ema", True, 3.0, 6.0),
-    ("trend", "trend", False, 3.0, 6.0),
-    ("trend log", "trend", True, 3.0, 6.0),
-    ("trend log, no clipping", "trend", True, None, 6.0),
-    ("trend log z5", "trend", True, 3.0, 5.0),
-    ("trend log z8", "trend", True, 3.0, 8.0),
-    ("mad log z5", "mad", True, 3.0, 5.0),
+    ("meanstd (before)", "meanstd", False, None, 6.0, 6.0),
+    ("olmo", "olmo", False, None, 6.0, 6.0),
+    ("megatron", "megatron", False, None, 6.0, 6.0),
+    ("mad", "mad", False, 3.0, 6.0, 6.0),
+    ("mad log", "mad", True, 3.0, 6.0, 6.0),
+    ("trend", "trend", False, 3.0, 6.0, 6.0),
+    ("trend log", "trend", True, 3.0, 6.0, 6.0),
+    ("ema", "ema", False, 3.0, 6.0, 6.0),
+    ("ema log", "ema", True, 3.0, 6.0, 6.0),
+    ("ema log, grad z 10", "ema", True, 3.0, 6.0, 10.0),
+    ("ema log z5, grad z 10", "ema", True, 3.0, 5.0, 10.0),
+    ("ema log z5, grad z 10, no clipping", "ema", True, None, 5.0, 10.0),
+    ("ema log z4, grad z 10", "ema", True, 3.0, 4.0, 10.0),
+    ("mad log z5, grad z 10", "mad", True, 3.0, 5.0, 10.0),
+    ("trend log z5, grad z 10", "trend", True, 3.0, 5.0, 10.0),
 ]
+DEFAULT = "ema log z5, grad z 10"
 
 
 def spike_config():
     return load_yaml(benchlib.ROOT / "configs" / "tiny.yaml").spike
 
 
-def make_detector(method, log, suspicious, z) -> SpikeDetector:
+def make_detector(method, log, suspicious, z, grad_z) -> SpikeDetector:
     s = spike_config()
-    return SpikeDetector(s.spike_window, s.spike_min_history, z, z, method, log, suspicious or 1e9)
+    return SpikeDetector(s.spike_window, s.spike_min_history, z, grad_z, method, log, suspicious or 1e9)
 
 
 def run_detector(spec, rows) -> list[bool]:
@@ -90,6 +93,23 @@ def score(spec, traces) -> dict:
             "false_rate": clean_flags / clean_total if clean_total else float("nan")}
 
 
+def false_skips(spec, traces) -> list[str]:
+    """Each flag on a clean run, with its loss against the median of the 20 steps before and its
+    grad norm against theirs: the reader can tell a natural spike from a false alarm."""
+    out = []
+    for header, rows in traces:
+        if header["kind"] != "clean":
+            continue
+        for i, (r, f) in enumerate(zip(rows, run_detector(spec, rows))):
+            if f:
+                before = rows[max(0, i - 20):i]
+                loss_ratio = r["loss"] / statistics.median(x["loss"] for x in before)
+                grad_ratio = r["grad_norm"] / statistics.median(x["grad_norm"] for x in before)
+                out.append(f"{header['scenario']} iteration {r['iteration']}: loss {loss_ratio:.2f}x, "
+                           f"grad norm {grad_ratio:.1f}x the median of the 20 steps before")
+    return out
+
+
 def issue_scenario(spec, traces) -> dict:
     """The issue's run: iterations above 1.4x the median of the 20 before them, and what the
     detector flags among them and elsewhere."""
@@ -104,7 +124,8 @@ def issue_scenario(spec, traces) -> dict:
 
 def per_call_cost(spec, n: int = 2000) -> float:
     """Microseconds per evaluate + observe with a full window (the loop's per-iteration cost)."""
-    det = make_detector(*spec)
+    method, log, suspicious, z, grad_z = spec
+    det = SpikeDetector(128, 32, z, grad_z, method, log, suspicious)  # SpikeConfig's default window
     for i in range(det.window):
         det.accept(3.0 + 0.01 * (i % 7), 1.0 + 0.01 * (i % 5))
     start = time.perf_counter()
@@ -124,13 +145,13 @@ def iteration_ms() -> float:
 def skip_vs_warn(spec) -> dict:
     """Train the issue's run twice with the chosen detector: skip, then warn; compare the losses."""
     out = {}
-    method, log, suspicious, z = spec
+    method, log, suspicious, z, grad_z = spec
     base = next(sc for sc in spike_traces.SCENARIOS if sc["name"] == "junkdocs_s1234")
     for action in ("skip", "warn"):
         sc = {**base, "name": f"junkdocs_s1234_{action}",
               "overrides": {**base["overrides"], "spike_action": action, "spike_method": method,
-                            "spike_log_loss": log, "spike_zscore": z, "spike_grad_zscore": z,
-                            "spike_suspicious_zscore": suspicious, "eval_interval": 300, "eval_iters": 16}}
+                            "spike_log_loss": log, "spike_zscore": z, "spike_grad_zscore": grad_z,
+                            "spike_suspicious_zscore": suspicious or z, "eval_interval": 300, "eval_iters": 16}}
         path = spike_traces.record(sc, trace_dir=spike_traces.CACHE / "skip_vs_warn")
         header, rows = spike_traces.load_trace(path)
         clean_tail = [r["loss"] for r in rows[-100:] if r["label"] == "clean"]
@@ -143,7 +164,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def render(scores, kinds, default, issue, cost_us, it_ms, svw) -> str:
+def render(scores, kinds, default, issue, cost_us, it_ms, svw, details, clean_runs) -> str:
     lines = [
         "# Spike detectors on recorded runs of the tiny model",
         "",
@@ -152,8 +173,8 @@ def render(scores, kinds, default, issue, cost_us, it_ms, svw) -> str:
         "window and min-history of configs/tiny.yaml (64, 16), each detector replayed with "
         "`--spike-action skip` semantics. Recall counts planted spike iterations after min-history; "
         "'other' counts flags on clean-labelled iterations of those runs; false skips count flags over "
-        f"every iteration of the {scores[0][1]['clean']} clean iterations (10 runs: batch 1/4/16 "
-        "sequences, lr 1e-3 to 1e-2, warm-up 0 to 20). Targets: recall >= 95%, false skips <= 0.2%.",
+        f"every iteration of the {scores[0][1]['clean']} clean iterations ({clean_runs}). "
+        "Targets: recall >= 95%, false skips <= 0.2%.",
         "",
     ]
     headers = ["detector"] + [f"recall {k}" for k in kinds] + ["recall all", "other flags", "false skips (clean)"]
@@ -174,7 +195,8 @@ def render(scores, kinds, default, issue, cost_us, it_ms, svw) -> str:
               f"{'met' if d['recall'] >= TARGET_RECALL else 'NOT met'}",
               f"- false skips {100 * d['false_rate']:.2f}% ({d['false_skips']}/{d['clean']}) against <= 0.2%: "
               f"{'met' if d['false_rate'] <= TARGET_FALSE_SKIPS else 'NOT met'}",
-              f"- cost: {cost_us:.0f} us per iteration (evaluate + learn, full window of 64), "
+              "- its flags on clean runs: " + ("; ".join(details) if details else "none"),
+              f"- cost: {cost_us:.0f} us per iteration (evaluate + learn, full window of 128), "
               f"{100 * cost_us / 1000 / it_ms:.3f}% of the tiny model's {it_ms:.0f} ms iteration at 16 sequences "
               f"on this machine (target < 1%)", ""]
     lines += ["## The issue's run (junk documents, batch of one sequence, lr 1e-2, beta2 0.999, 300 iterations)",
@@ -208,8 +230,10 @@ def main(argv=None) -> int:
     parser.add_argument("--record", action="store_true", help="re-record bench/traces/ from real runs first")
     parser.add_argument("--record-all", action="store_true", help="with --record: also the traces already there")
     parser.add_argument("--only", action="append", help="with --record: just this scenario (repeatable)")
-    parser.add_argument("--skip-vs-warn", action="store_true", help="train the issue's run with skip and warn")
-    parser.add_argument("--default", default="trend log", help="the detector row reported as the default")
+    parser.add_argument("--skip-vs-warn", action="store_true",
+                        help="train the issue's run with skip and warn (the result is cached for later runs)")
+    parser.add_argument("--no-eval", action="store_true", help="with --skip-vs-warn: only that, no table")
+    parser.add_argument("--default", default=DEFAULT, help="the detector row reported as the default")
     args = parser.parse_args(argv)
     if args.record:
         for sc in spike_traces.SCENARIOS:
@@ -217,14 +241,31 @@ def main(argv=None) -> int:
                     spike_traces.TRACES / f"{sc['name']}.jsonl").exists())):
                 print(f"recording {sc['name']}", flush=True)
                 spike_traces.record(sc)
+    if args.no_eval:
+        default_spec = next(spec for spec in DETECTORS if spec[0] == args.default)
+        out = {"spec": list(default_spec[1:]), **skip_vs_warn(default_spec[1:])}
+        (spike_traces.CACHE / "skip_vs_warn.json").write_text(json.dumps(out))
+        print(json.dumps(out)[:2000])
+        return 0
     traces = [spike_traces.load_trace(p) for p in sorted(spike_traces.TRACES.glob("*.jsonl"))]
     kinds = [k for k in ("junkdocs", "planted", "instability", "nan") if any(h["kind"] == k for h, _ in traces)]
     scores = [(spec, score(spec[1:], traces)) for spec in DETECTORS]
     default_spec = next(spec for spec in DETECTORS if spec[0] == args.default)
     issue = issue_scenario(default_spec[1:], traces)
-    svw = skip_vs_warn(default_spec[1:]) if args.skip_vs_warn else None
+    cached = spike_traces.CACHE / "skip_vs_warn.json"
+    if args.skip_vs_warn:
+        svw = {"spec": list(default_spec[1:]), **skip_vs_warn(default_spec[1:])}
+        cached.write_text(json.dumps(svw))
+    else:  # the last --skip-vs-warn run, if it was made with this default
+        svw = json.loads(cached.read_text()) if cached.exists() else None
+        svw = svw if svw and svw["spec"] == list(default_spec[1:]) else None
+    clean = [h["overrides"] for h, _ in traces if h["kind"] == "clean"]
+    clean_runs = "no clean runs recorded" if not clean else (f"{len(clean)} runs: batch {sorted({o['global_batch_size'] for o in clean})} sequences, lr "
+                  f"{min(o['lr'] for o in clean):g} to {max(o['lr'] for o in clean):g}, warm-up "
+                  f"{sorted({o['lr_warmup_iters'] for o in clean})} iterations, from the first iteration")
     text = render([(spec[0], s) for spec, s in scores], kinds, args.default, issue,
-                  per_call_cost(default_spec[1:]), iteration_ms(), svw)
+                  per_call_cost(default_spec[1:]), iteration_ms(), svw, false_skips(default_spec[1:], traces),
+                  clean_runs)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
     print(text)
