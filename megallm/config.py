@@ -225,10 +225,10 @@ class SpikeConfig:
     """Recent accepted iterations the loss and grad-norm statistics are taken over."""
     spike_min_history: int = 32
     """Accepted iterations in the window before any spike is called."""
-    spike_zscore: float = 6.0
-    """Loss z-score above which an iteration is a spike."""
-    spike_grad_zscore: float = 6.0
-    """Gradient-norm z-score above which an iteration is a spike."""
+    spike_zscore: float = 5.0
+    """Robust z-score of spike_method above which the loss is a spike (5 chosen on bench/results/spikes.md)."""
+    spike_grad_zscore: float = 10.0
+    """Robust z-score above which the grad norm is a spike (heavy-tailed at small batches: 6 skipped clean steps)."""
     spike_max_skips: int = 3
     """More spikes than this within spike_skip_window iterations persist: rollback (with
     spike_action=rollback) or re-baseline the detector (with skip)."""
@@ -238,6 +238,14 @@ class SpikeConfig:
     """Samples a rollback steps over beyond the batch that spiked."""
     spike_max_rollbacks: int = 2
     """Rollbacks after which the run stops."""
+    spike_method: str = "ema"
+    """The detector's statistic (megallm/training/spikes.py, chosen on bench/results/spikes.md):
+    ema, trend, mad, meanstd, olmo or megatron."""
+    spike_log_loss: bool = True
+    """Judge log(loss) and log(grad norm): a spike is a ratio."""
+    spike_suspicious_zscore: float = 3.0
+    """A value above this z (but under spike_zscore) enters the window clipped to it, so a missed
+    spike cannot widen the spread that the next one is judged against."""
 
 
 @dataclass
@@ -555,6 +563,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                                      f"tensor_model_parallel_size={tp}, so it must divide by it")
     rule(cfg.spike.spike_action in ("skip", "rollback", "warn", "stop"),
          f"spike_action={cfg.spike.spike_action!r}: must be one of skip, rollback, warn, stop")
+    rule(cfg.spike.spike_method in ("ema", "trend", "mad", "meanstd", "olmo", "megatron"),
+         f"spike_method={cfg.spike.spike_method!r}: must be one of ema, trend, mad, meanstd, olmo, megatron")
+    rule(0 < cfg.spike.spike_suspicious_zscore <= cfg.spike.spike_zscore,
+         f"spike_suspicious_zscore={cfg.spike.spike_suspicious_zscore}: must be in (0, spike_zscore]")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,
          f"spike_min_history={cfg.spike.spike_min_history}: must be at most spike_window={cfg.spike.spike_window}")
     rule(cfg.optimizer.lr_decay_style in ("cosine", "linear", "constant"),
@@ -602,24 +614,11 @@ def _split_error(split: str) -> Optional[str]:
 
 
 def lint_hyperparameters(cfg: Config) -> list[str]:
-    """Settings that ran but hurt real 70B runs (docs/references.md#hyperparameter-pitfalls): warnings, not errors."""
-    o, m = cfg.optimizer, cfg.model
-    warnings = []
-    if o.adam_beta2 >= 0.99:
-        warnings.append(f"adam_beta2={o.adam_beta2}: caused loss spikes in large runs; use 0.95")
-    if o.adam_eps >= 1e-6:
-        warnings.append(f"adam_eps={o.adam_eps}: 1e-6 or larger damps updates of rare parameters; use 1e-8")
-    if m.hidden_dropout > 0 or m.attention_dropout > 0:
-        warnings.append(f"hidden_dropout={m.hidden_dropout}, attention_dropout={m.attention_dropout}: "
-                        "dropout is off in LLaMA2 pretraining; use 0.0")
-    if warmup_iters(cfg) == 0:
-        warnings.append("lr_warmup_iters=0 and no lr_warmup_fraction: no warmup; use lr_warmup_fraction 0.01")
-    if o.weight_decay < 0.05:
-        warnings.append(f"weight_decay={o.weight_decay}: too low was seen to spike in bf16; use 0.1")
-    if o.lr > 1e-3:
-        warnings.append(f"lr={o.lr}: above 1e-3 is far above LLaMA2's 1.5e-4 (70B) / 3e-4 (7B); "
-                        "fine for tiny models, risky at scale")
-    return warnings
+    """Settings that run but are known to spike or slow training: warnings, not errors. The rules and
+    their sources are megallm/training/hyperparams.py, which the spike report's advice reads too."""
+    from megallm.training.hyperparams import violations
+
+    return [f"{evidence}: {rule.why}; {rule.fix}" for rule, evidence in violations(cfg)]
 
 
 def warmup_iters(cfg: Config) -> int:

@@ -1,9 +1,9 @@
 """A plausible run's log directory, written to the training loop's log contract
 (docs/spike_report.md), for the spike report's tests.
 
-The run simulates the spike detector (rolling window, z-scores over non-skipped losses) so its
-numbers are self-consistent, and plants:
-  40  junk document, loss spike -> skip; the loss stays above normal for 2 more steps
+The run's spike decisions are the training loop's own detector (megallm.training.spikes, the
+config's method) on the simulated losses, so the logs are what a run would write, and it plants:
+  40  junk document, loss spike -> skip; the loss stays 4 sigma high (unflagged) for 2 more steps
   60  NaN loss -> skip (nonfinite_loss)
   75  junk document again -> skip
   100 junk document a third time -> rollback to the checkpoint at 80; the data between the
@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from megallm.config import Config
+from megallm.training.spikes import SpikeDetector
 
 GBS, SEQ = 16, 128
 JUNK = {"sample_offset": 3, "dataset": "data/junk", "document": 7, "source": "junk.jsonl:7"}
@@ -60,20 +61,16 @@ def simulate(iters: int = 160, seed: int = 0) -> dict:
     """Records (metrics, spikes, events) in execution order, as the training loop would log them."""
     rng = random.Random(seed)
     cfg = run_config(iters)
-    s = cfg.spike
+    detector = SpikeDetector.from_config(cfg.spike)
+    saved = {0: detector.state_dict()}  # the detector's state in each checkpoint
     metrics, spikes, events = [], [], [{"event": "start", "iteration": 0, "time": 0.0}]
-    history, grads = [], []  # non-skipped losses and grad norms, the detector's window
     consumed, it, elevated, rolled_back = 0, 0, 0, False
     ckpt_consumed = {0: 0}
     while it < iters:
         it += 1
-        base = 3.0 + 2.0 * math.exp(-it / 200) + rng.gauss(0, 0.02)
-        grad = 1.0 + rng.gauss(0, 0.05)
-        window, gwindow = history[-s.spike_window:], grads[-s.spike_window:]
-        mean = sum(window) / len(window) if window else None
-        std = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window)) if window else None
-        gmean = sum(gwindow) / len(gwindow) if gwindow else None
-        gstd = math.sqrt(sum((x - gmean) ** 2 for x in gwindow) / len(gwindow)) if gwindow else None
+        noise = random.Random(seed * 100_003 + it)  # a replayed iteration draws the same noise
+        base = 3.0 + 2.0 * math.exp(-it / 200) + noise.gauss(0, 0.02)
+        grad = 1.0 + noise.gauss(0, 0.05)
         kind, action = PLAN.get(it, (None, None)) if not (rolled_back and it == ROLLBACK["at"]) else (None, None)
         loss = base
         if kind == "loss":
@@ -83,19 +80,16 @@ def simulate(iters: int = 160, seed: int = 0) -> dict:
         elif kind == "grad":
             grad = grad * 30
         elif elevated:  # after the first spike the loss stays 4 sigma high for a while: slow recovery
-            loss, elevated = mean + 4 * std, elevated - 1
-        active = len(window) >= s.spike_min_history
-        lz = (loss - mean) / std if active and math.isfinite(loss) else None
-        gz = (grad - gmean) / gstd if active and math.isfinite(grad) else None
-        reason = ("nonfinite_loss" if not math.isfinite(loss) else
-                  "loss_zscore" if lz is not None and lz >= s.spike_zscore else
-                  "grad_zscore" if gz is not None and gz >= s.spike_grad_zscore else None)
-        assert (reason is None) == (kind is None), (it, kind, lz, gz)
+            probe = detector.evaluate(base, grad)
+            loss, elevated = probe.loss_mean + 4 * probe.loss_std, elevated - 1
+        decision = detector.evaluate(loss, grad)
+        reason, lz, gz = decision.reason, decision.loss_zscore, decision.grad_zscore
+        assert (reason is None) == (kind is None), (it, kind, decision)
         skipped = action in ("skip", "rollback")
         samples = list(range(consumed, consumed + GBS))
         lr = 3e-3 * min(1.0, it / 10)
         record = {"iteration": it, "consumed_samples": consumed + GBS, "loss": loss, "lr": lr, "grad_norm": grad,
-                  "skipped": skipped, "skip_reason": reason if skipped else None, "loss_zscore": lz,
+                  "skipped": skipped, "skip_reason": reason, "loss_zscore": lz,
                   "grad_zscore": gz, "tokens_per_sec": 5000.0 + rng.gauss(0, 50), "elapsed_ms": 400.0,
                   "global_batch_size": GBS, "seq_length": SEQ}
         if it % 50 == 0:
@@ -103,18 +97,17 @@ def simulate(iters: int = 160, seed: int = 0) -> dict:
         metrics.append(record)
         if reason:
             spikes.append({"iteration": it, "consumed_samples_start": consumed, "consumed_samples_end": consumed + GBS,
-                           "loss": loss, "grad_norm": grad, "lr": lr, "loss_mean": mean, "loss_std": std,
-                           "grad_norm_mean": gmean, "grad_norm_std": gstd, "loss_zscore": lz, "grad_zscore": gz,
-                           "zscore_threshold": s.spike_zscore, "grad_zscore_threshold": s.spike_grad_zscore,
+                           **decision.to_dict(), "lr": lr,
+                           "zscore_threshold": detector.zscore_threshold,
+                           "grad_zscore_threshold": detector.grad_zscore_threshold,
                            "reason": reason, "action": action, "samples": samples,
                            "documents": _documents(samples, it in JUNK_ITERATIONS)})
         consumed += GBS
         if it == 40:
             elevated = 2
-        if not skipped:
-            history.append(loss)
-            grads.append(grad)
-        if it % s.spike_skip_window == 0 or it % cfg.checkpoint.save_interval == 0:
+        detector.observe(decision)
+        if it % cfg.spike.spike_skip_window == 0 or it % cfg.checkpoint.save_interval == 0:
+            saved[it] = detector.state_dict()
             ckpt_consumed[it] = consumed
             events.append({"event": "checkpoint", "iteration": it, "time": float(it)})
         if action == "rollback":
@@ -123,10 +116,7 @@ def simulate(iters: int = 160, seed: int = 0) -> dict:
                            "checkpoint": f"ckpt/iter_{to:07d}", "spike_iterations": [it],
                            "consumed_samples_before": consumed, "consumed_samples_after": consumed})
             # The detector's window is restored with the model; the data resumes past the bad stretch.
-            history = [m["loss"] for m in metrics if m["iteration"] <= to and not m["skipped"]
-                       and math.isfinite(m["loss"])][-s.spike_window:]
-            grads = [m["grad_norm"] for m in metrics if m["iteration"] <= to and not m["skipped"]
-                     and math.isfinite(m["grad_norm"])][-s.spike_window:]
+            detector.load_state_dict(saved[to])
             it, rolled_back = to, True
     return {"config": cfg, "metrics": metrics, "spikes": spikes, "events": events}
 

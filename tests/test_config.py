@@ -110,12 +110,12 @@ def test_tiny_config_valid_on_1_to_8_ranks():
 
 
 LINT = [
-    ({"adam_beta2": 0.999}, "adam_beta2=0.999", "use 0.95"),
-    ({"adam_eps": 1e-5}, "adam_eps=1e-05", "use 1e-8"),
-    ({"hidden_dropout": 0.1}, "hidden_dropout=0.1", "use 0.0"),
+    ({"adam_beta2": 0.999}, "adam_beta2=0.999 > 0.95", "use adam_beta2 0.95"),
+    ({"adam_eps": 1e-5}, "adam_eps=1e-05", "use adam_eps 1e-8"),
+    ({"hidden_dropout": 0.1}, "hidden_dropout=0.1", "use hidden_dropout and attention_dropout 0.0"),
     ({"lr_warmup_iters": 0, "lr_warmup_fraction": None}, "no warmup", "lr_warmup_fraction 0.01"),
-    ({"weight_decay": 0.01}, "weight_decay=0.01", "use 0.1"),
-    ({"lr": 5e-3}, "lr=0.005", "above 1e-3"),
+    ({"weight_decay": 0.01}, "weight_decay=0.01", "use weight_decay 0.1"),
+    ({"lr": 5e-3}, "lr=0.005 > 0.00045", "published lr 0.00015"),
 ]
 
 

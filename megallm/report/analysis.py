@@ -71,7 +71,9 @@ def match_spikes(metrics: list[dict], spikes: list[dict]) -> list[Optional[int]]
 
 
 def recovery(metrics: list[dict], position: Optional[int], spike: dict) -> dict:
-    """Steps executed after the spike until the loss is back under its window's mean + 2 sigma."""
+    """Steps executed after the spike until the loss is back within 2 sigma of the detector's
+    center: its logged z-score at that step (which follows the loss trend and a rollback's restored
+    window), or, where no z was logged, the band at the spike (center + 2 sigma)."""
     mean, std = spike.get("loss_mean"), spike.get("loss_std")
     if not (finite(mean) and finite(std)):
         return {"recovery_threshold": None, "recovery_iters": None,
@@ -83,7 +85,9 @@ def recovery(metrics: list[dict], position: Optional[int], spike: dict) -> dict:
         return out
     for j in range(position + 1, len(metrics)):
         r = metrics[j]
-        if not r.get("skipped") and finite(r.get("loss")) and r["loss"] <= threshold:
+        z = r.get("loss_zscore")
+        back = z <= RECOVERY_SIGMAS if finite(z) else finite(r.get("loss")) and r["loss"] <= threshold
+        if not r.get("skipped") and finite(r.get("loss")) and back:
             out["recovery_iters"] = j - position
             out["recovered_at"] = r["iteration"]
             return out

@@ -88,7 +88,7 @@ def _summary_lines(s: dict, rollbacks: list[dict], clustering: dict, zs: dict) -
         + (f", {rb['skipped_samples']} samples skipped" if rb.get("skipped_samples") else "")
         for rb in rollbacks))
     if s["spikes"]:
-        lines.append(f"recovery (steps until loss <= window mean + {analysis.RECOVERY_SIGMAS:g} sigma): "
+        lines.append(f"recovery (steps until the loss z is <= {analysis.RECOVERY_SIGMAS:g}): "
                      f"{s['recovered_spikes']} of {s['spikes']} recovered, median {_fmt(s['median_recovery_iters'])}, "
                      f"max {_fmt(s['max_recovery_iters'])}"
                      + (f"; never recovered: {s['unrecovered_spike_iterations']}"
@@ -156,8 +156,9 @@ def build_report(log_dir: str | Path, top: int = 10) -> dict:
         "advice": advice.advise(cfg, spikes, clustering["documents"]["repeated_documents"],
                                 run.config_source or "defaults"),
         "series": _series(timeline),
-        "recovery_rule": f"steps executed after the spike until an applied step has a finite loss "
-                         f"<= loss_mean + {analysis.RECOVERY_SIGMAS:g} * loss_std of the spike's window",
+        "recovery_rule": f"steps executed after the spike until an applied step has a finite loss whose "
+                         f"detector z is <= {analysis.RECOVERY_SIGMAS:g} (without a logged z: "
+                         f"<= loss_mean + {analysis.RECOVERY_SIGMAS:g} * loss_std of the spike's window)",
     }
 
 

@@ -192,42 +192,35 @@ def _tensorboard_dir(log_dir: Path) -> Optional[Path]:
 
 
 def derive_spikes(metrics: list[dict], cfg: Config) -> list[dict]:
-    """Flagged iterations rebuilt from metrics: skipped steps, non-finite losses, and z-scores at or
-    above the configured thresholds. The window statistics are recomputed from the preceding
-    non-skipped losses (the spike detector's own rule), so the recovery band is still defined."""
+    """Flagged iterations rebuilt from metrics, with the training loop's own detector
+    (megallm.training.spikes via report/replay.py): a step is a spike when the run logged it as one
+    (skip_reason, skipped, a non-finite loss) or, for logs that do not say (TensorBoard), when the
+    replayed detector flags it. Center and scale are the detector's at that step, so the recovery
+    band is defined."""
+    from megallm.report.replay import replay_metrics
+
     s = cfg.spike
-    history: list[float] = []
+    decisions = replay_metrics(metrics, s, cfg.checkpoint.save_interval)
     spikes = []
-    for position, r in enumerate(metrics):
-        loss = r.get("loss")
-        if not isinstance(loss, (int, float)):
+    for position, (r, d) in enumerate(zip(metrics, decisions)):
+        if d is None or not d.spike:
             continue
-        lz, gz = r.get("loss_zscore"), r.get("grad_zscore")
-        flagged = (r.get("skipped") or not math.isfinite(loss)
-                   or (lz is not None and abs(lz) >= s.spike_zscore)
-                   or (gz is not None and abs(gz) >= s.spike_grad_zscore))
-        if flagged:
-            window = history[-s.spike_window:]
-            mean = sum(window) / len(window) if window else None
-            std = (math.sqrt(sum((x - mean) ** 2 for x in window) / len(window))
-                   if len(window) >= 2 else None)
-            reason = r.get("skip_reason") or (
-                "nonfinite_loss" if not math.isfinite(loss)
-                else "grad_zscore" if gz is not None and abs(gz) >= s.spike_grad_zscore and
-                (lz is None or abs(lz) < s.spike_zscore) else "loss_zscore")
-            end, gbs = r.get("consumed_samples"), r.get("global_batch_size")
-            spikes.append({
-                "iteration": r["iteration"], "loss": loss, "grad_norm": r.get("grad_norm"),
-                "lr": r.get("lr"), "loss_mean": mean, "loss_std": std,
-                "loss_zscore": lz, "grad_zscore": gz,
-                "zscore_threshold": s.spike_zscore, "grad_zscore_threshold": s.spike_grad_zscore,
-                "reason": reason, "action": "skip" if r.get("skipped") else "warn",
-                "consumed_samples_start": end - gbs if end is not None and gbs else None,
-                "consumed_samples_end": end, "samples": None, "documents": None, "derived": True,
-                "position": position,
-            })
-        elif math.isfinite(loss):
-            history.append(loss)
+        lz = r.get("loss_zscore", d.loss_zscore)
+        gz = r.get("grad_zscore", d.grad_zscore)
+        end, gbs = r.get("consumed_samples"), r.get("global_batch_size")
+        spikes.append({
+            "iteration": r["iteration"], "loss": d.loss, "grad_norm": r.get("grad_norm"),
+            "lr": r.get("lr"), "loss_mean": d.loss_mean, "loss_std": d.loss_std,
+            "grad_norm_mean": d.grad_norm_mean, "grad_norm_std": d.grad_norm_std,
+            "loss_zscore": lz, "grad_zscore": gz, "method": d.method,
+            "zscore_threshold": s.spike_zscore, "grad_zscore_threshold": s.spike_grad_zscore,
+            "reason": r.get("skip_reason") or (d.reason if d.reason != "logged" else
+                                               "nonfinite_loss" if not math.isfinite(d.loss) else "loss_zscore"),
+            "action": "skip" if r.get("skipped") else "warn",
+            "consumed_samples_start": end - gbs if end is not None and gbs else None,
+            "consumed_samples_end": end, "samples": None, "documents": None, "derived": True,
+            "position": position,
+        })
     return spikes
 
 

@@ -8,7 +8,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-# "mean" and "std" are the spike window's loss statistics; "recovery" is in steps (see build.py).
+# "mean" and "std" are the detector's center and scale of the loss at the spike (median or trend
+# and robust sigma for the robust methods); "recovery" is in steps (see build.py).
 COLUMNS = ["iter", "loss", "mean", "std", "loss z", "grad z", "grad norm", "lr", "action", "recovery",
            "documents"]
 

@@ -199,8 +199,7 @@ class Trainer:
             self.optimizer.clip_(cfg.optimizer.clip_grad, grad_norm)
             self.optimizer.step()
             self.scheduler.step(increment=1)
-            if not decision.spike:
-                self.detector.accept(loss, grad_norm)
+        self.detector.observe(decision)  # learns unflagged values only (OLMo-core's rule: every one)
 
         consumed_before = self.consumed_samples
         self.iteration += 1
@@ -242,7 +241,8 @@ class Trainer:
             self.logger.spike({
                 "iteration": self.iteration, "consumed_samples_start": consumed_before,
                 "consumed_samples_end": self.consumed_samples, "lr": lr, **decision.to_dict(),
-                "zscore_threshold": cfg.spike.spike_zscore, "grad_zscore_threshold": cfg.spike.spike_grad_zscore,
+                "zscore_threshold": self.detector.zscore_threshold,
+                "grad_zscore_threshold": self.detector.grad_zscore_threshold,
                 "action": action, "samples": samples, "documents": _describe(self.train_ds, samples),
             })
         if action == "stop":

@@ -24,6 +24,8 @@ def run(spec_path: str) -> None:
     for sc, cfg in each_scenario(spec, spec.get("defaults")):
         result = {}
         tr = Trainer.build(cfg, dist.get_world_size())
+        records = []
+        tr.callbacks.append(lambda _, record: records.append(record))
         if sc.get("save_v1"):
             root, at = sc["save_v1"]
             tr.callbacks.append(lambda t, record: v1.save_v1(t, root) if t.iteration == at else None)
@@ -36,7 +38,7 @@ def run(spec_path: str) -> None:
         finally:
             tr.logger.close()
         if dist.get_rank() == 0:
-            result.update(records=tr.records, iteration=tr.iteration)
+            result.update(records=records, iteration=tr.iteration)
             (out / f"{sc['name']}.json").write_text(json.dumps(result))
         dist.barrier()
     dist.destroy_process_group()
