@@ -119,6 +119,13 @@ class SpikeConfig:
     spike_skip_window: int = 50
     spike_rollback_skip_samples: int = 0
     spike_max_rollbacks: int = 2
+    # Suspect documents (training/forensics.py): a document segment whose mean loss lies more than
+    # suspect_zscore robust standard deviations (1.4826 x MAD) from its iteration's median, either
+    # way, is written to suspects-dp<R>.jsonl. 6 measured on the planted-junk Shakespeare run
+    # (docs/spike_report.md, "Suspect documents"): no clean document above it.
+    suspect_zscore: float = 6.0
+    suspect_min_tokens: int = 32  # shorter segments are neither scored nor part of the reference
+    suspect_window: int = 16  # iterations whose segments set the MAD (few segments per iteration)
 
 
 @dataclass
@@ -352,6 +359,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
          f"spike_action={cfg.spike.spike_action!r}: must be one of skip, rollback, warn, stop")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,
          f"spike_min_history={cfg.spike.spike_min_history}: must be at most spike_window={cfg.spike.spike_window}")
+    rule(cfg.spike.suspect_zscore > 0 and cfg.spike.suspect_min_tokens >= 1 and cfg.spike.suspect_window >= 1,
+         f"suspect_zscore={cfg.spike.suspect_zscore}, suspect_min_tokens={cfg.spike.suspect_min_tokens}, "
+         f"suspect_window={cfg.spike.suspect_window}: must be positive")
     rule(cfg.optimizer.lr_decay_style in ("cosine", "linear", "constant"),
          f"lr_decay_style={cfg.optimizer.lr_decay_style!r}: must be one of cosine, linear, constant")
     rule(cfg.optimizer.min_lr <= cfg.optimizer.lr,

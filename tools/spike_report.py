@@ -3,6 +3,7 @@
     python tools/spike_report.py runs/tiny                      # summary + runs/tiny/report/report.html
     python tools/spike_report.py runs/tiny --json > report.json
     python tools/spike_report.py runs/tiny --skip-list skip.txt # then: pretrain_llama2.py --exclude-samples skip.txt
+    python tools/spike_report.py runs/tiny --skip-list skip.txt --skip-list-from both   # + suspect documents
 
 Exit status: 0 report written, 2 bad input (missing directory, no metrics, bad flags).
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megallm.report import ReportError, build_report, to_json, write_outputs, write_skip_list  # noqa: E402
-from megallm.report import text  # noqa: E402
+from megallm.report import ReportError, build_report, to_json, write_outputs  # noqa: E402
+from megallm.report import suspects, text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="where report.html, loss.png, report.json go (default LOG_DIR/report)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
     parser.add_argument("--skip-list", metavar="FILE", help="write the sample indices of skipped batches to FILE")
+    parser.add_argument("--skip-list-from", choices=suspects.SKIP_SOURCES, default="spikes",
+                        help="what --skip-list lists: samples of skipped batches (spikes, the default), of suspect "
+                             "documents (suspects), or both")
     parser.add_argument("--top", type=int, default=10, metavar="N", help="spikes in the table (default 10)")
     args = parser.parse_args(argv)
     if args.top < 0:
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report["outputs"] = write_outputs(report, out_dir)
         if args.skip_list:
-            report["skip_list"] = write_skip_list(report, args.skip_list)
+            report["skip_list"] = suspects.write_skip_list(report, args.skip_list, args.skip_list_from)
     except OSError as e:
         print(f"spike_report: cannot write output: {e}", file=sys.stderr)
         return 2
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text.render(report), end="")
     if args.skip_list:
         s = report["skip_list"]
-        print(f"skip list: {s['samples']} samples from {s['batches']} batches -> {s['path']}")
+        print(f"skip list: {s['samples']} samples from {s['batches']} batches and {s['suspect_documents']} suspect "
+              f"documents -> {s['path']}")
     print(f"plot: {report['outputs']['png']}")
     print(f"report: {report['outputs']['html']}")
     return 0

@@ -23,7 +23,7 @@ from megallm.data import sampler
 from megallm.model import weight_mapping
 from megallm.parallel import data_parallel as dp_utils
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
-from megallm.training import faults
+from megallm.training import faults, forensics
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
 from megallm.training.spikes import RollbackPolicy, SpikeDecision, SpikeDetector
@@ -34,7 +34,9 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     smoothing is wrong upstream)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels)
+    forensics.keep(per_token)  # for per-document losses, when a train step collects them
+    return per_token.mean()
 
 
 def _ps():
@@ -68,6 +70,7 @@ class Trainer:
     stop_requested: bool = False
     records: list = field(default_factory=list)  # metrics of this process's iterations (tests read them)
     callbacks: list = field(default_factory=list)  # f(trainer, record) after each iteration
+    doc_losses: Optional[forensics.DocumentForensics] = None  # per-document losses (training/forensics.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -99,7 +102,9 @@ class Trainer:
         return cls(cfg=cfg, world_size=world_size, device=device, chunks=chunks, model=model, runner=runner,
                    optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg),
                    detector=SpikeDetector.from_config(cfg.spike), policy=RollbackPolicy.from_config(cfg.spike),
-                   train_ds=train_ds, valid_ds=valid_ds, logger=logger, exclude=exclude)
+                   train_ds=train_ds, valid_ds=valid_ds, logger=logger, exclude=exclude,
+                   doc_losses=forensics.DocumentForensics.from_config(cfg, ps.get_data_parallel_rank(), enabled=(
+                       ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0)))
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -126,6 +131,14 @@ class Trainer:
             labels.append(y)
         return torch.cat(tokens).to(self.device), torch.cat(labels).to(self.device)
 
+    def local_samples(self, consumed_samples: int) -> list[int]:
+        """Dataset indices of this data-parallel rank's rows of the batch, in local_batch's order."""
+        ps, t = _ps(), self.cfg.training
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        return [int(i) for m in range(self.runner.n_microbatches)
+                for i in sampler.micro_batch_indices(consumed_samples, t.micro_batch_size, dp_rank, dp_size, m,
+                                                     exclude=self.exclude)]
+
     def global_batch_samples(self, consumed_samples: int) -> list[int]:
         return [int(i) for i in sampler.global_batch_indices(consumed_samples, self.cfg.training.global_batch_size,
                                                               exclude=self.exclude)]
@@ -138,7 +151,8 @@ class Trainer:
         for p in self.params:
             p.grad = None
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"), \
+                forensics.keep_token_losses() as token_losses:
             losses = self.runner.step(tokens, labels)
         faults.maybe_poison_gradients(self.params, self.iteration + 1, self.consumed_samples,
                                       cfg.training.global_batch_size)
@@ -154,6 +168,11 @@ class Trainer:
         skip = decision.spike and cfg.spike.spike_action != "warn"
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
+        forensics_start = time.perf_counter()
+        if self.doc_losses is not None:
+            self.doc_losses.observe(self.iteration + 1, self.train_ds, self.local_samples(self.consumed_samples),
+                                    token_losses)
+        forensics_ms = (time.perf_counter() - forensics_start) * 1000.0
 
         if skip:
             for p in self.params:
@@ -174,7 +193,7 @@ class Trainer:
             "grad_norm": grad_norm, "skipped": skip, "skip_reason": decision.reason if decision.spike else None,
             "loss_zscore": decision.loss_zscore, "grad_zscore": decision.grad_zscore,
             "tokens_per_sec": cfg.training.global_batch_size * cfg.training.seq_length / elapsed,
-            "elapsed_ms": elapsed * 1000.0, "spike_check_ms": spike_ms,
+            "elapsed_ms": elapsed * 1000.0, "spike_check_ms": spike_ms, "forensics_ms": forensics_ms,
             "global_batch_size": cfg.training.global_batch_size,
             "seq_length": cfg.training.seq_length,
         }
@@ -200,6 +219,7 @@ class Trainer:
             if self.logger.enabled:
                 print(f" warning: {len(spikes)} spikes within {cfg.spike.spike_skip_window} iterations "
                       f"({spikes}); re-baselining the spike detector", flush=True)
+        ranked = forensics.spike_documents(self.doc_losses)  # every rank: a gather, on spikes only
         if self.logger.enabled:
             samples = self.global_batch_samples(consumed_before)
             self.logger.spike({
@@ -207,6 +227,7 @@ class Trainer:
                 "consumed_samples_end": self.consumed_samples, "lr": lr, **decision.to_dict(),
                 "zscore_threshold": cfg.spike.spike_zscore, "grad_zscore_threshold": cfg.spike.spike_grad_zscore,
                 "action": action, "samples": samples, "documents": _describe(self.train_ds, samples),
+                "ranked_documents": ranked,
             })
         if action == "stop":
             raise StopTraining(f"loss spike at iteration {self.iteration} ({decision.reason}, loss {decision.loss:.4f}, "
