@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text.render(report), end="")
     if args.skip_list:
         s = report["skip_list"]
-        print(f"skip list: {s['samples']} samples from {s['batches']} batches and {s['suspect_documents']} suspect "
-              f"documents -> {s['path']}")
+        docs = f" and {s['suspect_documents']} suspect documents" if "suspect_documents" in s else ""
+        print(f"skip list: {s['samples']} samples from {s['batches']} batches{docs} -> {s['path']}")
     print(f"plot: {report['outputs']['png']}")
     print(f"report: {report['outputs']['html']}")
     return 0

@@ -189,7 +189,8 @@ def suspect_samples(report: dict) -> list[int]:
 
 def write_skip_list(report: dict, path: str | Path, source: str = "spikes") -> dict:
     """The skip list from the skipped batches (spikes), the suspects' samples, or both: the format
-    --exclude-samples reads. Returns {"path", "samples", "batches", "suspect_documents"}."""
+    --exclude-samples reads. Returns {"path", "samples", "batches"}, + "suspect_documents" unless
+    the source is spikes."""
     from megallm.files import atomic_write
     from megallm.report.build import skip_batches
     from megallm.report.outputs import skip_list_text
@@ -199,7 +200,7 @@ def write_skip_list(report: dict, path: str | Path, source: str = "spikes") -> d
     if source == "spikes":
         from megallm.report.outputs import write_skip_list as write_spikes
 
-        return {**write_spikes(report, path), "suspect_documents": 0}
+        return write_spikes(report, path)  # today's list and answer, unchanged
     text = skip_list_text(report) if source == "both" else f"# megallm skip list from {report['log_dir']}\n"
     seen = {int(line) for line in text.splitlines() if line and not line.startswith("#")}
     docs = report.get("suspect_documents") or []
