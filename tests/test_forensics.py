@@ -94,7 +94,7 @@ def test_suspects_written_and_read_back(hand_built, tmp_path):
     losses = 4.0 + 0.1 * rng.standard_normal((8, SEQ))
     junk = next(seg for segs in per_row for seg in segs if seg.end - seg.start >= 8)
     losses[samples.index(junk.sample), junk.start:junk.end] = 9.0  # one document the model cannot predict
-    fx = DocumentForensics(str(tmp_path), dp_rank=1, enabled=True, zscore=6.0, min_tokens=8, window=4)
+    fx = DocumentForensics(str(tmp_path), dp_rank=1, enabled=True, zscore=6.0, min_tokens=8, window=1)
     with forensics.keep_token_losses() as kept:
         for m in range(4):  # as loss_fn would see 4 micro-batches of 2
             forensics.keep(torch.from_numpy(losses[2 * m:2 * m + 2]))

@@ -14,7 +14,8 @@ A segment is a suspect when its mean loss is far from the other text of the iter
 where MAD is the median absolute deviation of the segments' distances to their own iteration's
 median, pooled over the last `suspect_window` iterations (a tiny batch has too few segments for a
 scale of its own; centring each iteration on its own median keeps the falling loss out of the
-scale). Only segments of at least `suspect_min_tokens` tokens are scored or used as reference: a
+scale), or this iteration's own MAD where that is larger. Nothing is scored before the window is
+full: the first iterations' model has not yet told text from noise. Only segments of at least `suspect_min_tokens` tokens are scored or used as reference: a
 short segment's mean is noise. |z| > suspect_zscore makes a suspect.
 
 No collective on the critical path: every last-stage rank of tensor-parallel rank 0 (the losses
@@ -173,8 +174,12 @@ class DocumentForensics:
         if scored.any():
             self.residuals.append(means[scored] - center)
         reference = np.concatenate(list(self.residuals)) if self.residuals else np.empty(0)
-        scale = mad_scale(reference)
-        z = robust_z(means, center, scale) if len(reference) >= MIN_REFERENCE else np.zeros_like(means)
+        # While the model learns fast, the spread between documents grows iteration by iteration and
+        # a window of earlier ones understates it: the larger of the window's and this iteration's own
+        # scale keeps those iterations from calling every unusual document a suspect.
+        scale = max(mad_scale(reference), mad_scale(means[scored] - center) if scored.sum() >= MIN_REFERENCE else 0.0)
+        warm = len(self.residuals) == self.residuals.maxlen and len(reference) >= MIN_REFERENCE
+        z = robust_z(means, center, scale) if warm else np.zeros_like(means)
         z = np.where(scored, z, 0.0)
         self.last = [self._row(iteration, seg, int(n), float(m), float(zz)) for seg, n, m, zz in zip(flat, counts, means, z)]
         suspects = [r for r, s in zip(self.last, scored) if s and abs(r["z"]) > self.zscore]
