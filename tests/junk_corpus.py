@@ -33,15 +33,15 @@ def _words(rng, lo: int, hi: int, n_chars: int) -> str:
 def junk_text(kind: str, rng, sp) -> str:
     if kind == "random_ids":
         pieces = [i for i in range(sp.GetPieceSize()) if not (sp.IsByte(i) or sp.IsControl(i) or sp.IsUnknown(i))]
-        return sp.DecodeIds([int(i) for i in rng.choice(pieces, 250)])
+        return sp.DecodeIds([int(i) for i in rng.choice(pieces, 300)])
     if kind == "repeated":
         word = str(rng.choice(["the", "and", "lord", "thee", "good", "sir"]))
-        return " ".join([word] * int(rng.integers(200, 300)))
+        return " ".join([word] * int(rng.integers(250, 400)))
     if kind == "other_script":
         lo, hi = SCRIPTS[str(rng.choice(list(SCRIPTS)))]
-        return _words(rng, lo, hi, 240 if lo < 0x4E00 else 90)  # ~250 tokens: 2 bytes a letter, 3 for CJK
+        return _words(rng, lo, hi, 300 if lo < 0x4E00 else 120)  # ~600 tokens: 2 bytes a letter, 3 for CJK
     if kind == "bytes_as_text":
-        raw = rng.bytes(160)
+        raw = rng.bytes(300)
         if rng.random() < 0.5:
             text = base64.b64encode(raw).decode("ascii")
             return "\n".join(text[i:i + 76] for i in range(0, len(text), 76))

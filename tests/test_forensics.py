@@ -68,8 +68,9 @@ def test_segment_losses_are_sums_and_counts():
     losses = rng.random((2, 10))
     seg = forensics.Segment
     rows = [[seg(0, "p", 0, 0, 4), seg(0, "p", 1, 4, 10)], [seg(1, "p", 2, 0, 10)]]
-    sums, counts = segment_losses(losses, rows)
+    sums, squares, counts = segment_losses(losses, rows)
     np.testing.assert_allclose(sums, [losses[0, :4].sum(), losses[0, 4:].sum(), losses[1].sum()])
+    np.testing.assert_allclose(squares, [(losses[0, :4] ** 2).sum(), (losses[0, 4:] ** 2).sum(), (losses[1] ** 2).sum()])
     assert counts.tolist() == [4, 6, 10]
 
 

@@ -5,7 +5,7 @@ Reads what the last-stage ranks wrote (each data-parallel rank its own files, me
     segment_losses-dp<R>.jsonl  one line per iteration: median and 5/95% quantiles of segment losses
 (a plain suspects.jsonl, e.g. merged by hand, is read as well), and ranks the documents: a document
 flagged in several iterations, or far out, is more likely bad data than one borderline segment.
-Evidence = the sum of |z| over the document's flagged segments.
+Evidence = the sum over the document's flagged segments of the larger |z| (mean or spread).
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def read_segment_summaries(log_dir: str | Path) -> list[dict]:
     return _read_jsonl(sorted(Path(log_dir).glob("segment_losses-dp*.jsonl")))
 
 
+def _direction(row: dict) -> str:
+    """high: less predictable than the text around it (noise); low: more (repetition); uniform /
+    erratic: its per-token losses vary far less / more than text's."""
+    if abs(row["z"]) >= abs(row.get("z_spread", 0.0)):
+        return "high" if row["z"] > 0 else "low"
+    return "erratic" if row["z_spread"] > 0 else "uniform"
+
+
 def suspect_documents(rows: list[dict]) -> list[dict]:
     """One entry per flagged document, most evidence first."""
     by_doc: dict = defaultdict(list)
@@ -52,12 +60,12 @@ def suspect_documents(rows: list[dict]) -> list[dict]:
         by_doc[(r.get("dataset"), r["document"])].append(r)
     docs = []
     for (dataset, document), group in by_doc.items():
-        zs = [r["z"] for r in group]
+        strongest = [max(r["z"], r.get("z_spread", 0.0), key=abs) for r in group]
+        worst = max(group, key=lambda r: max(abs(r["z"]), abs(r.get("z_spread", 0.0))))
         docs.append({
             "source": group[0]["source"], "document": document, "dataset": dataset,
-            "occurrences": len(group), "max_abs_z": max(abs(z) for z in zs),
-            "direction": "high" if sum(zs) > 0 else "low",  # high: unpredictable (noise); low: repetitive
-            "evidence": round(sum(abs(z) for z in zs), 3),
+            "occurrences": len(group), "max_abs_z": max(abs(z) for z in strongest),
+            "direction": _direction(worst), "evidence": round(sum(abs(z) for z in strongest), 3),
             "mean_loss": round(sum(r["mean_loss"] for r in group) / len(group), 5),
             "tokens": sum(r["tokens"] for r in group),
             "iterations": sorted({r["iteration"] for r in group}),
@@ -109,7 +117,7 @@ def summary_line(report: dict) -> str | None:
         return None
     docs = report["suspect_documents"]
     return (f"suspect documents: {len(docs)} ({len(info['segments'])} flagged segments in "
-            f"{info['scored_iterations']} scored iterations; |robust z| > {info['suspect_zscore']}, "
+            f"{info['scored_iterations']} scored iterations; |robust z| of mean or spread > {info['suspect_zscore']}, "
             f">= {info['suspect_min_tokens']} tokens)")
 
 
@@ -142,11 +150,12 @@ def figure(report: dict):
     ax.fill_between(s["iteration"], s["p05"], s["p95"], color="tab:blue", alpha=0.2, lw=0,
                     label="segments, 5-95%")
     ax.plot(s["iteration"], s["median"], color="tab:blue", lw=1, label="segment median")
-    for direction, color, marker in (("high", "tab:red", "^"), ("low", "tab:purple", "v")):
-        pts = [(r["iteration"], r["mean_loss"]) for r in info["segments"] if (r["z"] > 0) == (direction == "high")]
+    for direction, color, marker in (("high", "tab:red", "^"), ("low", "tab:purple", "v"),
+                                     ("uniform", "tab:green", "s"), ("erratic", "tab:orange", "D")):
+        pts = [(r["iteration"], r["mean_loss"]) for r in info["segments"] if _direction(r) == direction]
         if pts:
             ax.scatter(*zip(*pts), color=color, marker=marker, s=25, zorder=5,
-                       label=f"suspect, loss {direction} ({len(pts)})")
+                       label=f"suspect: {direction} ({len(pts)})")
     ax.set_xlabel("iteration")
     ax.set_ylabel("document segment mean loss")
     ax.set_title("per-document loss; suspects marked", fontsize=10)

@@ -7,16 +7,20 @@ of this data-parallel rank is cut at its document boundaries (read from megatron
 indices, `sample_segments`), and every document segment gets its mean loss and token count.
 
 A segment is a suspect when its mean loss is far from the other text of the iteration, either way
-(random bytes far above, a repeated token far below). Robust z, with m_s the segment's mean loss:
+(random bytes far above, a repeated token far below), or when the spread of its per-token losses
+is (text mixes easy and hard tokens; one token repeated or a hex dump is uniformly (un)predictable,
+which a young model's mean loss may not show). For each statistic x (the mean, and the log of the
+standard deviation of the segment's per-token losses), a robust z:
 
-    z_s = (m_s - median of this iteration's segments) / (1.4826 * MAD)
+    z_s = (x_s - median of this iteration's segments) / (1.4826 * MAD)
 
 where MAD is the median absolute deviation of the segments' distances to their own iteration's
 median, pooled over the last `suspect_window` iterations (a tiny batch has too few segments for a
 scale of its own; centring each iteration on its own median keeps the falling loss out of the
 scale), or this iteration's own MAD where that is larger. Nothing is scored before the window is
-full: the first iterations' model has not yet told text from noise. Only segments of at least `suspect_min_tokens` tokens are scored or used as reference: a
-short segment's mean is noise. |z| > suspect_zscore makes a suspect.
+full: the first iterations' model has not yet told text from noise. Only segments of at least
+`suspect_min_tokens` tokens are scored or used as reference: a short segment's statistics are
+noise. max(|z|, |z_spread|) > suspect_zscore makes a suspect.
 
 No collective on the critical path: every last-stage rank of tensor-parallel rank 0 (the losses
 are the same on every tp rank) scores its own data-parallel share and appends to files of its own,
@@ -109,13 +113,15 @@ def sample_segments(dataset, sample: int) -> list[Segment]:
 
 
 def segment_losses(token_losses: np.ndarray, segments_per_row: Sequence[Sequence[Segment]]):
-    """(sum of losses, token count) of every segment, rows' segments in order; token_losses is
-    [rows, seq]. One cumulative sum makes each segment's sum two lookups."""
+    """(sum of losses, sum of squared losses, token count) of every segment, rows' segments in
+    order; token_losses is [rows, seq]. Cumulative sums make each segment's sums two lookups."""
     rows, seq = token_losses.shape
-    cum = np.concatenate([[0.0], np.cumsum(token_losses.astype(np.float64).ravel())])
+    flat = token_losses.astype(np.float64).ravel()
+    cum = np.concatenate([[0.0], np.cumsum(flat)])
+    cum2 = np.concatenate([[0.0], np.cumsum(flat * flat)])
     starts = np.array([r * seq + s.start for r, segs in enumerate(segments_per_row) for s in segs], dtype=np.int64)
     ends = np.array([r * seq + s.end for r, segs in enumerate(segments_per_row) for s in segs], dtype=np.int64)
-    return cum[ends] - cum[starts], ends - starts
+    return cum[ends] - cum[starts], cum2[ends] - cum2[starts], ends - starts
 
 
 def robust_z(means: np.ndarray, center: float, scale: float) -> np.ndarray:
@@ -129,6 +135,27 @@ def mad_scale(residuals: np.ndarray) -> float:
     return MAD_TO_SIGMA * float(np.median(np.abs(residuals))) if len(residuals) else 0.0
 
 
+class RobustScore:
+    """Robust z of one per-segment statistic (module docstring): centre = this iteration's median,
+    scale = the larger of the pooled window's and this iteration's MAD; zeros until the window is full."""
+
+    def __init__(self, window: int):
+        self.residuals: deque = deque(maxlen=max(window, 1))  # per iteration: values - their median
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, float, float]:
+        if not len(values):
+            return np.zeros(0), float("nan"), 0.0
+        center = float(np.median(values))
+        self.residuals.append(values - center)
+        reference = np.concatenate(list(self.residuals))
+        # While the model learns fast, the spread between documents grows iteration by iteration and
+        # a window of earlier ones understates it: hence this iteration's own MAD as a floor.
+        own = mad_scale(values - center) if len(values) >= MIN_REFERENCE else 0.0
+        scale = max(mad_scale(reference), own)
+        warm = len(self.residuals) == self.residuals.maxlen and len(reference) >= MIN_REFERENCE
+        return (robust_z(values, center, scale) if warm else np.zeros_like(values)), center, scale
+
+
 # ------------------------------------------------------------------------------------------------
 class DocumentForensics:
     """Scores the document segments of this rank's share of every training batch (module docstring).
@@ -138,7 +165,7 @@ class DocumentForensics:
                  window: int):
         self.dp_rank, self.enabled = dp_rank, enabled and log_dir is not None
         self.zscore, self.min_tokens = zscore, min_tokens
-        self.residuals: deque = deque(maxlen=max(window, 1))  # per iteration: scored segments - their median
+        self.mean_score, self.spread_score = RobustScore(window), RobustScore(window)
         self.last: list[dict] = []  # the latest iteration's segments, for spike_documents
         self._files = {}
         self.log_dir = Path(log_dir) if log_dir else None
@@ -167,22 +194,20 @@ class DocumentForensics:
         flat = [seg for segs in per_row for seg in segs]
         if not flat:
             return []
-        sums, counts = segment_losses(losses, per_row)
-        means = sums / np.maximum(counts, 1)
+        sums, squares, counts = segment_losses(losses, per_row)
+        n = np.maximum(counts, 1)
+        means = sums / n
+        # log of the per-token loss spread: text mixes easy and hard tokens; one token repeated,
+        # or a hex dump, is uniformly (un)predictable, which its mean alone may not show
+        spreads = np.log(np.sqrt(np.maximum(squares / n - means ** 2, 0.0)) + 1e-3)
         scored = counts >= self.min_tokens
-        center = float(np.median(means[scored])) if scored.any() else float("nan")
-        if scored.any():
-            self.residuals.append(means[scored] - center)
-        reference = np.concatenate(list(self.residuals)) if self.residuals else np.empty(0)
-        # While the model learns fast, the spread between documents grows iteration by iteration and
-        # a window of earlier ones understates it: the larger of the window's and this iteration's own
-        # scale keeps those iterations from calling every unusual document a suspect.
-        scale = max(mad_scale(reference), mad_scale(means[scored] - center) if scored.sum() >= MIN_REFERENCE else 0.0)
-        warm = len(self.residuals) == self.residuals.maxlen and len(reference) >= MIN_REFERENCE
-        z = robust_z(means, center, scale) if warm else np.zeros_like(means)
-        z = np.where(scored, z, 0.0)
-        self.last = [self._row(iteration, seg, int(n), float(m), float(zz)) for seg, n, m, zz in zip(flat, counts, means, z)]
-        suspects = [r for r, s in zip(self.last, scored) if s and abs(r["z"]) > self.zscore]
+        z = np.zeros_like(means)
+        z_spread = np.zeros_like(means)
+        z[scored], center, scale = self.mean_score(means[scored])
+        z_spread[scored], _, _ = self.spread_score(spreads[scored])
+        self.last = [self._row(iteration, *args) for args in zip(flat, counts, means, z, z_spread)]
+        suspects = [r for r, s in zip(self.last, scored)
+                    if s and max(abs(r["z"]), abs(r["z_spread"])) > self.zscore]
         if suspects:
             self._write("suspects", suspects)
         q = np.quantile(means[scored], [0.05, 0.5, 0.95]) if scored.any() else [float("nan")] * 3
@@ -190,12 +215,12 @@ class DocumentForensics:
                                         "median": float(q[1]), "p95": float(q[2]), "scale": scale}])
         return suspects
 
-    def _row(self, iteration: int, seg: Segment, tokens: int, mean: float, z: float) -> dict:
+    def _row(self, iteration: int, seg: Segment, tokens: int, mean: float, z: float, z_spread: float) -> dict:
         from megallm.data.provenance import document_source
 
         return {"iteration": iteration, "dp_rank": self.dp_rank, "sample": seg.sample, "document": seg.document,
-                "dataset": seg.dataset, "source": document_source(seg.dataset, seg.document), "tokens": tokens,
-                "mean_loss": round(mean, 5), "z": round(z, 3)}
+                "dataset": seg.dataset, "source": document_source(seg.dataset, seg.document), "tokens": int(tokens),
+                "mean_loss": round(float(mean), 5), "z": round(float(z), 3), "z_spread": round(float(z_spread), 3)}
 
     def close(self) -> None:
         for f in self._files.values():
