@@ -70,7 +70,8 @@ def test_segment_losses_are_sums_and_counts():
     rows = [[seg(0, "p", 0, 0, 4), seg(0, "p", 1, 4, 10)], [seg(1, "p", 2, 0, 10)]]
     sums, squares, counts = segment_losses(losses, rows)
     np.testing.assert_allclose(sums, [losses[0, :4].sum(), losses[0, 4:].sum(), losses[1].sum()])
-    np.testing.assert_allclose(squares, [(losses[0, :4] ** 2).sum(), (losses[0, 4:] ** 2).sum(), (losses[1] ** 2).sum()])
+    np.testing.assert_allclose(squares, [(losses[0, :4] ** 2).sum(), (losses[0, 4:] ** 2).sum(),
+                                         (losses[1] ** 2).sum()])
     assert counts.tolist() == [4, 6, 10]
 
 
@@ -118,3 +119,56 @@ def test_disabled_rank_writes_nothing(hand_built, tmp_path):
     fx = DocumentForensics(str(tmp_path), dp_rank=0, enabled=False, zscore=6.0, min_tokens=8, window=4)
     assert fx.observe(1, ds, [0], [torch.zeros(1, SEQ)]) == []
     assert not list(tmp_path.iterdir())
+
+
+def test_skip_list_from_suspects_and_both(tmp_path):
+    from megallm.data.sampler import load_exclude_samples
+    from megallm.report.suspects import suspect_documents, write_skip_list
+
+    rows = [{"iteration": 9, "sample": 40, "document": 3, "dataset": "d", "source": "a.jsonl:7", "tokens": 64,
+             "mean_loss": 9.1, "z": 8.0, "z_spread": 1.0},
+            {"iteration": 30, "sample": 77, "document": 3, "dataset": "d", "source": "a.jsonl:7", "tokens": 64,
+             "mean_loss": 9.0, "z": 7.0, "z_spread": -0.5},
+            {"iteration": 12, "sample": 50, "document": 5, "dataset": "d", "source": "a.jsonl:9", "tokens": 90,
+             "mean_loss": 1.0, "z": -2.0, "z_spread": -9.5}]
+    docs = suspect_documents(rows)
+    assert [(d["source"], d["occurrences"], d["max_abs_z"], d["direction"]) for d in docs] == [
+        ("a.jsonl:7", 2, 8.0, "high"), ("a.jsonl:9", 1, 9.5, "uniform")]  # evidence 15 before 9.5
+    spike = {"iteration": 20, "action": "skip", "reason": "loss_zscore", "loss": 9.0, "samples": [50, 51],
+             "samples_derived": False, "sources": [], "documents": None}
+    report = {"log_dir": "run", "spikes": [spike], "suspect_documents": docs, "suspects": {"suspect_zscore": 6.0}}
+    got = write_skip_list(report, tmp_path / "s.txt", "suspects")
+    assert load_exclude_samples(tmp_path / "s.txt") == {40, 77, 50} and got["suspect_documents"] == 2
+    got = write_skip_list(report, tmp_path / "b.txt", "both")
+    assert load_exclude_samples(tmp_path / "b.txt") == {50, 51, 40, 77} and got["samples"] == 4
+    assert write_skip_list(report, tmp_path / "p.txt", "spikes") == {"path": str(tmp_path / "p.txt"), "samples": 2,
+                                                                     "batches": 1}
+    with pytest.raises(ValueError, match="--skip-list-from"):
+        write_skip_list(report, tmp_path / "x.txt", "everything")
+
+
+def test_train_step_scores_its_own_rows(hand_built, tmp_path, single_rank):
+    """In the loop (one process): the kept per-token losses are the loss's own (their segments'
+    sums over a row's tokens give back the batch loss), and the files land in the log dir."""
+    from megallm.training.loop import Trainer
+
+    prefix, ds = hand_built
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size = 2, 64, 128
+    cfg.model.num_attention_heads, cfg.model.num_query_groups = 4, 2
+    cfg.model.vocab_size, cfg.model.max_position_embeddings = 1000 * len(LENGTHS), SEQ
+    cfg.training.seq_length, cfg.training.global_batch_size, cfg.training.micro_batch_size = SEQ, 4, 2
+    cfg.training.train_iters = 2
+    cfg.logging.log_dir, cfg.logging.tensorboard = str(tmp_path), False
+    cfg.spike.suspect_window, cfg.spike.suspect_min_tokens = 1, 1
+    tr = Trainer.build(cfg, 1, datasets=(ds, None, None))
+    assert tr.doc_losses.enabled
+    record = tr.train_step()
+    segs = tr.doc_losses.last
+    assert sorted({s["sample"] for s in segs}) == [0, 1, 2, 3] and sum(s["tokens"] for s in segs) == 4 * SEQ
+    total = sum(s["mean_loss"] * s["tokens"] for s in segs) / (4 * SEQ)
+    assert total == pytest.approx(record["loss"], rel=1e-4)
+    assert record["forensics_ms"] >= 0
+    tr.doc_losses.close()
+    summary = json.loads((tmp_path / "segment_losses-dp0.jsonl").read_text())
+    assert summary["iteration"] == 1 and summary["segments"] == len(segs)
