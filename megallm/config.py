@@ -246,6 +246,14 @@ class SpikeConfig:
     spike_suspicious_zscore: float = 3.0
     """A value above this z (but under spike_zscore) enters the window clipped to it, so a missed
     spike cannot widen the spread that the next one is judged against."""
+    suspect_zscore: float = 6.0
+    """Suspect documents (megallm/training/forensics.py): a document segment whose mean loss lies more than
+    this many robust standard deviations (1.4826 x MAD) from its iteration's median, either way, is
+    written to suspects-dp<R>.jsonl. 6 measured on the planted-junk run (docs/spike_report.md)."""
+    suspect_min_tokens: int = 32
+    """Shorter segments are neither scored nor part of the reference."""
+    suspect_window: int = 16
+    """Iterations whose segments set the MAD (one rank holds few segments per iteration)."""
 
 
 @dataclass
@@ -569,6 +577,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
          f"spike_suspicious_zscore={cfg.spike.spike_suspicious_zscore}: must be in (0, spike_zscore]")
     rule(cfg.spike.spike_min_history <= cfg.spike.spike_window,
          f"spike_min_history={cfg.spike.spike_min_history}: must be at most spike_window={cfg.spike.spike_window}")
+    rule(cfg.spike.suspect_zscore > 0 and cfg.spike.suspect_min_tokens >= 1 and cfg.spike.suspect_window >= 1,
+         f"suspect_zscore={cfg.spike.suspect_zscore}, suspect_min_tokens={cfg.spike.suspect_min_tokens}, "
+         f"suspect_window={cfg.spike.suspect_window}: must be positive")
     rule(cfg.optimizer.lr_decay_style in ("cosine", "linear", "constant"),
          f"lr_decay_style={cfg.optimizer.lr_decay_style!r}: must be one of cosine, linear, constant")
     rule(cfg.optimizer.min_lr <= cfg.optimizer.lr,

@@ -5,6 +5,7 @@
     python tools/spike_report.py runs/tiny --skip-list skip.txt # then: pretrain_llama2.py --exclude-samples skip.txt
     python tools/spike_report.py runs/tiny --replay --spike-method mad --spike-zscore 5
                                         # what another detector would have flagged on the same losses
+    python tools/spike_report.py runs/tiny --skip-list skip.txt --skip-list-from both   # + suspect documents
 
 Exit status: 0 report written, 2 bad input (missing directory, no metrics, bad flags).
 """
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megallm.report import ReportError, build_report, text, to_json, write_outputs, write_skip_list
+from megallm.report import ReportError, build_report, suspects, text, to_json, write_outputs
 from megallm.report.logs import load_run
 from megallm.report.replay import compare
 from megallm.training.spikes import METHODS
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="where report.html, loss.png, report.json go (default LOG_DIR/report)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
     parser.add_argument("--skip-list", metavar="FILE", help="write the sample indices of skipped batches to FILE")
+    parser.add_argument("--skip-list-from", choices=suspects.SKIP_SOURCES, default="spikes",
+                        help="what --skip-list lists: samples of skipped batches (spikes, the default), of suspect "
+                             "documents (suspects), or both")
     parser.add_argument("--top", type=int, default=10, metavar="N", help="spikes in the table (default 10)")
     replay = parser.add_argument_group("replay", "re-run a spike detector over the run's metrics.jsonl")
     replay.add_argument("--replay", action="store_true", help="print what the detector would have flagged")
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report["outputs"] = write_outputs(report, out_dir)
         if args.skip_list:
-            report["skip_list"] = write_skip_list(report, args.skip_list)
+            report["skip_list"] = suspects.write_skip_list(report, args.skip_list, args.skip_list_from)
     except OSError as e:
         print(f"spike_report: cannot write output: {e}", file=sys.stderr)
         return 2
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text.render(report), end="")
     if args.skip_list:
         s = report["skip_list"]
-        print(f"skip list: {s['samples']} samples from {s['batches']} batches -> {s['path']}")
+        docs = f" and {s['suspect_documents']} suspect documents" if "suspect_documents" in s else ""
+        print(f"skip list: {s['samples']} samples from {s['batches']} batches{docs} -> {s['path']}")
     print(f"plot: {report['outputs']['png']}")
     print(f"report: {report['outputs']['html']}")
     return 0

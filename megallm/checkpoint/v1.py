@@ -1,4 +1,5 @@
-"""megallm-checkpoint-v1: read it as v2, and the old writer (kept for bench/checkpoint_bench.py).
+"""megallm-checkpoint-v1: read it as v2, and the old writer (kept for bench/checkpoint_bench.py and
+tests/distributed/checkpoint_worker.py, which writes a v1 checkpoint for the v1-resume test).
 
 v1 kept logical tensors whole, one file per layer (model/layer_00003.safetensors; optim/ the same
 names with .exp_avg / .exp_avg_sq), written by one rank per pipeline stage after gathering its
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +61,8 @@ def as_v2(ckpt: Path, meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The v1 writer, as it was: gather each stage onto (tp 0, dp 0), write there. For the benchmark.
+# The v1 writer, as it was: gather each stage onto (tp 0, dp 0), write there. For the benchmark and
+# the v1-resume test; the Adam moments come from the distributed optimizer's sharded_state().
 
 
 def _ps():
@@ -68,26 +71,41 @@ def _ps():
     return parallel_state
 
 
-def _adam_moments(optimizer) -> dict[int, dict]:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+def _adam_moments(optimizer) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]], bool, float]:
+    """The Adam moments of whole local parameters, from the distributed optimizer's flat ranges.
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.consolidate_state_dict(to=0)
-        if _ps().get_data_parallel_rank() != 0:
-            return {}
-        state = optimizer.state_dict()["state"]
-        return {id(p): state[i] for i, p in enumerate(params) if i in state}
-    return {id(p): optimizer.state[p] for p in params if p in optimizer.state}
+    Returns moments(param) -> {"exp_avg", "exp_avg_sq"}: each a tensor of param's shape assembled
+    from this rank's ranges and summed over the data-parallel group (the ranges are disjoint over
+    it, so the sum is the whole), collective over that group and called for the same parameters
+    in the same order on its ranks; whether any rank holds moments; and Adam's step."""
+    shards, scalars = optimizer.sharded_state()
+    by_param: dict[int, list] = {}
+    for s in shards:
+        by_param.setdefault(id(s.param), []).append(s)
+    has_state = torch.tensor(1.0 if any("exp_avg" in s.tensors for s in shards) else 0.0)
+    dist.all_reduce(has_state, op=dist.ReduceOp.MAX)  # a rank may hold no range at all
+    dp_group = _ps().get_data_parallel_group()
+
+    def moments(param: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            for s in by_param.get(id(param), []):
+                if key in s.tensors:
+                    flat[s.start:s.end] = s.tensors[key].reshape(-1)
+            dist.all_reduce(flat, group=dp_group)
+            out[key] = flat.view(param.shape)
+        return out
+
+    return moments, has_state.item() > 0, float(scalars["step"])
 
 
-def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, Optional[float]]:
+def _gather_logical(chunks, cfg, optimizer) -> tuple[dict, dict, Optional[float]]:
     ps = _ps()
     tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    has_state = torch.tensor(1.0 if moments else 0.0)
-    dist.all_reduce(has_state, op=dist.ReduceOp.MAX, group=tp_group)
-    model_files, optim_files, step = {}, {}, None
+    moments, has_state, step = _adam_moments(optimizer)
+    model_files, optim_files = {}, {}
 
     def gather(t: torch.Tensor) -> list[torch.Tensor]:
         t = t.detach().float().contiguous()
@@ -100,15 +118,12 @@ def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, 
     for chunk in chunks:
         for _, param, parts in wm.local_parameters(chunk):
             logical = wm.to_logical(gather(param), parts, cfg)
-            state = moments.get(id(param))
-            if has_state.item() > 0 and ps.get_data_parallel_rank() == 0:
-                avg = state["exp_avg"] if state else torch.zeros_like(param)
-                sq = state["exp_avg_sq"] if state else torch.zeros_like(param)
-                m1, m2 = wm.to_logical(gather(avg), parts, cfg), wm.to_logical(gather(sq), parts, cfg)
-                if state:
-                    step = float(state["step"])
-            else:
-                m1 = m2 = {}
+            m1 = m2 = {}
+            if has_state:
+                state = moments(param)  # every data-parallel rank takes part; dp rank 0 keeps it
+                if ps.get_data_parallel_rank() == 0:
+                    m1 = wm.to_logical(gather(state["exp_avg"]), parts, cfg)
+                    m2 = wm.to_logical(gather(state["exp_avg_sq"]), parts, cfg)
             if not writer:
                 continue
             for key, t in logical.items():
@@ -116,7 +131,7 @@ def _gather_logical(chunks, cfg, moments: dict[int, dict]) -> tuple[dict, dict, 
                 if key in m1:
                     optim_files.setdefault(file_of(key), {})[key + ".exp_avg"] = m1[key].cpu()
                     optim_files[file_of(key)][key + ".exp_avg_sq"] = m2[key].cpu()
-    return model_files, optim_files, step
+    return model_files, optim_files, step if has_state else None
 
 
 def save_v1(tr, root: str | Path) -> tuple[Path, int]:
@@ -131,7 +146,7 @@ def save_v1(tr, root: str | Path) -> tuple[Path, int]:
         for sub in ("model", "optim", "rng"):
             (partial / sub).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    model_files, optim_files, step = _gather_logical(tr.chunks, tr.cfg, _adam_moments(tr.optimizer))
+    model_files, optim_files, step = _gather_logical(tr.chunks, tr.cfg, tr.optimizer)
     written = {}
     for sub, files in (("model", model_files), ("optim", optim_files)):
         for fname, tensors in files.items():

@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from megallm.report import advice, analysis
+from megallm.report import advice, analysis, suspects
 from megallm.report.analysis import finite
 from megallm.report.logs import RunLog, load_run
 
@@ -139,6 +139,7 @@ def build_report(log_dir: str | Path, top: int = 10) -> dict:
     zs = analysis.largest_zscores(run.metrics)
     summary = _summary(run, timeline, spikes, rollbacks, tokens)
     order = sorted(range(len(spikes)), key=lambda i: (-spikes[i]["severity"], spikes[i]["iteration"]))
+    suspect_documents, suspect_info = suspects.section(run.log_dir, cfg)
     return {
         "log_dir": str(run.log_dir),
         "source": run.source,
@@ -156,6 +157,7 @@ def build_report(log_dir: str | Path, top: int = 10) -> dict:
         "advice": advice.advise(cfg, spikes, clustering["documents"]["repeated_documents"],
                                 run.config_source or "defaults"),
         "series": _series(timeline),
+        "suspect_documents": suspect_documents, "suspects": suspect_info,
         "recovery_rule": f"steps executed after the spike until an applied step has a finite loss whose "
                          f"detector z is <= {analysis.RECOVERY_SIGMAS:g} (without a logged z: "
                          f"<= loss_mean + {analysis.RECOVERY_SIGMAS:g} * loss_std of the spike's window)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html as _html
 
+from megallm.report import suspects
 from megallm.report.text import COLUMNS, table_rows
 
 STYLE = """
@@ -51,6 +52,7 @@ def render(report: dict, png: bytes) -> str:
         parts.append(f"<p class=\"evidence\">recovery: {_e(report['recovery_rule'])}</p>")
     else:
         parts.append("<p>No spikes.</p>")
+    parts.append(suspects.render_html(report))
     parts.append("<h2>Advice</h2>")
     if report["advice"]:
         parts.append("<ul>" + "".join(

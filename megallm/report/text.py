@@ -8,6 +8,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from megallm.report import suspects
+
 # "mean" and "std" are the detector's center and scale of the loss at the spike (median or trend
 # and robust sigma for the robust methods); "recovery" is in steps (see build.py).
 COLUMNS = ["iter", "loss", "mean", "std", "loss z", "grad z", "grad norm", "lr", "action", "recovery",
@@ -82,6 +84,7 @@ def render(report: dict, width: int = 160) -> str:
         for row in table_rows(report):
             table.add_row(*row)
         console.print(table)
+    suspects.render_text(report, console)
     console.print("advice:" if report["advice"] else "advice: nothing to change")
     for a in report["advice"]:
         console.print(f"  - {a['message']}\n      evidence: {a['evidence']}", soft_wrap=True)

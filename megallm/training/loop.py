@@ -27,7 +27,7 @@ from megallm.parallel import sequence_parallel
 from megallm.parallel.distributed_optimizer import DistributedOptimizer
 from megallm.parallel.pipeline import PipelineRunner, build_model_chunks
 from megallm.training import fault_injection as faults
-from megallm.training import resilience
+from megallm.training import forensics, resilience
 from megallm.training.metrics import MetricsLogger, progress_line
 from megallm.training.optimizer import build_optimizer, build_scheduler, current_lr
 from megallm.training.spikes import RollbackPolicy, SpikeDecision, SpikeDetector
@@ -38,7 +38,9 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     smoothing is wrong upstream)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels)
+    forensics.keep(per_token)  # for per-document losses, when a train step collects them
+    return per_token.mean()
 
 
 def _ps():
@@ -72,6 +74,7 @@ class Trainer:
     resume_data_state: Optional[dict] = None  # data state of the checkpoint loaded (datasets are built from it)
     # f(trainer, record) after each iteration; the loop itself keeps no history (bounded memory over any run)
     callbacks: list = field(default_factory=list)
+    doc_losses: Optional[forensics.DocumentForensics] = None  # per-document losses (training/forensics.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -101,7 +104,9 @@ class Trainer:
         return cls(cfg=cfg, world_size=world_size, device=device, chunks=chunks, model=model, runner=runner,
                    optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg),
                    detector=SpikeDetector.from_config(cfg.spike), policy=RollbackPolicy.from_config(cfg.spike),
-                   train_ds=train_ds, valid_ds=valid_ds, logger=logger, exclude=exclude)
+                   train_ds=train_ds, valid_ds=valid_ds, logger=logger, exclude=exclude,
+                   doc_losses=forensics.DocumentForensics.from_config(cfg, ps.get_data_parallel_rank(), enabled=(
+                       ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0)))
 
     def build_datasets(self) -> None:
         """Datasets from the data state of the checkpoint loaded (collective; once)."""
@@ -163,6 +168,14 @@ class Trainer:
             labels.append(y)
         return torch.cat(tokens).to(self.device), torch.cat(labels).to(self.device)
 
+    def local_samples(self, consumed_samples: int) -> list[int]:
+        """Dataset indices of this data-parallel rank's rows of the batch, in local_batch's order."""
+        ps, t = _ps(), self.cfg.training
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        return [int(i) for m in range(self.runner.n_microbatches)
+                for i in sampler.micro_batch_indices(consumed_samples, t.micro_batch_size, dp_rank, dp_size, m,
+                                                     exclude=self.exclude)]
+
     def global_batch_samples(self, consumed_samples: int) -> list[int]:
         return [int(i) for i in sampler.global_batch_indices(consumed_samples, self.cfg.training.global_batch_size,
                                                               exclude=self.exclude)]
@@ -174,7 +187,8 @@ class Trainer:
         faults.maybe_hang(self.iteration + 1)
         self.optimizer.zero_grad()
         tokens, labels = self.local_batch(self.train_ds, self.consumed_samples)
-        losses = self.runner.step(tokens, labels)  # in the parameters' precision: no autocast
+        with forensics.keep_token_losses() as token_losses:
+            losses = self.runner.step(tokens, labels)  # in the parameters' precision: no autocast
         self.optimizer.reduce_gradients(self.runner.microbatch_divisor)
         # Replicated norms saw 1/tp of the tokens: sum their main grads over tp. After the dp
         # reduction, which has folded in every p.grad; the buffers are laid out alike on every tp
@@ -194,6 +208,11 @@ class Trainer:
         skip = decision.spike and cfg.spike.spike_action != "warn"
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
+        forensics_start = time.perf_counter()
+        if self.doc_losses is not None:
+            self.doc_losses.observe(self.iteration + 1, self.train_ds, self.local_samples(self.consumed_samples),
+                                    token_losses)
+        forensics_ms = (time.perf_counter() - forensics_start) * 1000.0
 
         if not skip:  # a skipped iteration leaves weights, masters and moments untouched
             self.optimizer.clip_(cfg.optimizer.clip_grad, grad_norm)
@@ -210,7 +229,7 @@ class Trainer:
             "grad_norm": grad_norm, "skipped": skip, "skip_reason": decision.reason if decision.spike else None,
             "loss_zscore": decision.loss_zscore, "grad_zscore": decision.grad_zscore,
             "tokens_per_sec": cfg.training.global_batch_size * cfg.training.seq_length / elapsed,
-            "elapsed_ms": elapsed * 1000.0, "spike_check_ms": spike_ms,
+            "elapsed_ms": elapsed * 1000.0, "spike_check_ms": spike_ms, "forensics_ms": forensics_ms,
             "global_batch_size": cfg.training.global_batch_size,
             "seq_length": cfg.training.seq_length,
         }
@@ -236,6 +255,7 @@ class Trainer:
             if self.logger.enabled:
                 print(f" warning: {len(spikes)} spikes within {cfg.spike.spike_skip_window} iterations "
                       f"({spikes}); re-baselining the spike detector", flush=True)
+        ranked = forensics.spike_documents(self.doc_losses)  # every rank: a gather, on spikes only
         if self.logger.enabled:
             samples = self.global_batch_samples(consumed_before)
             self.logger.spike({
@@ -244,6 +264,7 @@ class Trainer:
                 "zscore_threshold": self.detector.zscore_threshold,
                 "grad_zscore_threshold": self.detector.grad_zscore_threshold,
                 "action": action, "samples": samples, "documents": _describe(self.train_ds, samples),
+                "ranked_documents": ranked,
             })
         if action == "stop":
             raise StopTraining(f"loss spike at iteration {self.iteration} ({decision.reason}, loss {decision.loss:.4f}, "
