@@ -1,20 +1,25 @@
-"""Checkpoint save/load at tp 2 x pp 2 x dp 2 with ZeRO-1 on 8 CPU ranks: the v1 writer (gather each
-stage onto one rank) against the sharded v2 writer (every rank writes its own pieces), blocking and
---async-save, in one torchrun launch. Writes bench/results/checkpoint.md.
+"""Checkpoint save/load at tp 2 x pp 2 x dp 2 with ZeRO-1 (megallm's distributed optimizer,
+megallm/parallel/distributed_optimizer.py) on 8 CPU ranks: the v1 writer (gather each stage onto one
+rank; megallm/checkpoint/v1.py) against the sharded v2 writer (every rank writes its own pieces),
+blocking and --async-save, in one torchrun launch. Writes bench/results/checkpoint.md (--out).
 
     python bench/checkpoint_bench.py                 # 0.17 B parameters
     python bench/checkpoint_bench.py --hidden 2048 --layers 16 --ffn 5504 --heads 16   # 0.94 B
 
-The default size is what the v1 writer survives on a 23 GiB machine shared with other jobs: at
-0.32 B (hidden 1280, 12 layers) a rank of the v1 save was killed for memory (ZeroRedundancyOptimizer's
-consolidate_state_dict broadcasts every rank's state as pickled objects, and the stage writer holds
-its stage's weights and moments whole); v2's per-rank figures scale linearly with the model.
+The default size is what the v1 writer survived on a 23 GiB machine shared with other jobs when the
+engine was torch's ZeroRedundancyOptimizer: at 0.32 B (hidden 1280, 12 layers) a rank of the v1 save
+was killed for memory (consolidate_state_dict broadcast every rank's state as pickled objects, and
+the stage writer holds its stage's weights and moments whole). The v1 writer now assembles each
+parameter's moments from the distributed optimizer's flat ranges (sharded_state()) with one
+all-reduce per parameter over data parallel, so it holds one parameter's moments at a time besides
+what the stage writer keeps whole; v2's per-rank figures scale linearly with the model.
 
 Per rank and phase: wall time of the collective call, bytes written / read by the process
 (/proc/self/io wchar / rchar), and the peak resident memory during the phase (VmHWM, reset
 through /proc/self/clear_refs before each phase) next to the resident memory before it. The model
-state is built directly (weights initialised, Adam moments filled through ZeroRedundancyOptimizer's
-own partition) without a training step, so gradients and DDP buckets do not crowd the machine.
+state is built directly (weights initialised, Adam moments filled for the fp32 master pieces this
+rank steps, i.e. the distributed optimizer's own partition) without a training step, so gradients
+do not crowd the machine.
 The loop stall is the time `checkpoint.save` blocks its caller; for --async-save the time until
 the checkpoint is committed is reported beside it.
 """
@@ -72,7 +77,7 @@ class Phase:
 
 
 class BenchTrainer:
-    """What checkpoint.save/load use of a Trainer, without data, DDP or gradients."""
+    """What checkpoint.save/load use of a Trainer, without data or gradients."""
 
     def __init__(self, cfg, chunks, optimizer):
         from megallm.training.metrics import MetricsLogger
@@ -118,9 +123,11 @@ def worker(out: Path, args) -> None:
         wm.init_weights(chunk, cfg, ps.get_tensor_model_parallel_rank())
     optimizer = build_optimizer(chunks, cfg)
     g = torch.Generator().manual_seed(rank)
-    for p in optimizer.optim.param_groups[0]["params"] + optimizer.optim.param_groups[1]["params"]:
-        optimizer.optim.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(p.shape, generator=g) * 1e-3,
-                                    "exp_avg_sq": torch.rand(p.shape, generator=g) * 1e-6}
+    for master in (m for group in optimizer.optimizer.param_groups for m in group["params"]):
+        optimizer.optimizer.state[master] = {
+            "step": torch.tensor(1.0), "exp_avg": torch.randn(master.shape, generator=g) * 1e-3,
+            "exp_avg_sq": torch.rand(master.shape, generator=g) * 1e-6}
+    optimizer.steps = 1  # the step the checkpoint records (sharded_state's scalars); loads restore moments
     tr = BenchTrainer(cfg, chunks, optimizer)
     params = sum(p.numel() for c in chunks for p in c.parameters())
     rows = {"params_local": params}
@@ -187,7 +194,7 @@ def report(out: Path, args, wall: float, load: tuple[float, float]) -> str:
         "",
         f"Model: {params / 1e9:.2f} B parameters (hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
         f"vocab 32000), fp32 weights + Adam moments; 8 ranks (tp 2 x pp 2 x dp 2), ZeRO-1 "
-        "(ZeroRedundancyOptimizer), gloo, one local disk.",
+        "(megallm's distributed optimizer), gloo, one local disk.",
         "",
         "Wall seconds on an oversubscribed machine say little; CPU seconds (all threads of the rank) are",
         "what a rank spends whatever the load. *Main-thread CPU* is what the training loop pays.",
