@@ -23,7 +23,7 @@ PARTS = [  # (mark that ends the part, label)
     ("import_megatron", "import megatron.core + megallm"),
     ("init_process_group", "init_process_group (gloo rendezvous)"),
     ("model_parallel_groups", "megatron model-parallel groups"),
-    ("trainer_build", "Trainer.build (model, init, DDP, pipeline warm-up step, data)"),
+    ("trainer_build", "Trainer.build (model, init, pipeline warm-up step, optimizer buffers, data)"),
     ("first_iteration", "first iteration"),
 ]
 BUILD_PARTS = [("model_chunks", "model chunks"), ("init_weights", "weight init"),

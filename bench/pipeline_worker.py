@@ -53,13 +53,13 @@ def timed_pipeline(tr: Trainer, sink: list) -> None:
 def stage_work(tr: Trainer, chunks: list) -> float:
     """Seconds for this rank's chunks to run forward + backward over one iteration's micro-batches,
     alone: inputs made beforehand, no sends or receives. `chunks` are fresh copies of the rank's
-    chunks: the trained ones carry DDP's gradient hooks, which fire outside a DDP forward."""
+    chunks: the trained ones carry the optimizer's main-grad hooks and buffers."""
     cfg, m = tr.cfg, tr.runner.n_microbatches
     mb, s, h = cfg.training.micro_batch_size, cfg.training.seq_length, cfg.model.hidden_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (mb, s), generator=g)
-    hidden = torch.randn(mb, s, h, generator=g)
-    grad_out = torch.randn(mb, s, h, generator=g)
+    hidden = torch.randn(s, mb, h, generator=g)  # stage-to-stage tensors are [s, b, h], as in Megatron
+    grad_out = torch.randn(s, mb, h, generator=g)
     start = time.perf_counter()
     for chunk in chunks:
         for _ in range(m):

@@ -1,6 +1,6 @@
 """Fault injection for tests, switched on by environment variables (all off by default).
 
-    MEGALLM_INJECT_NAN="R:I,R:sS,..."  poison global rank R's gradient after DDP's all-reduce (a NaN
+    MEGALLM_INJECT_NAN="R:I,R:sS,..."  poison global rank R's fp32 main grad after the dp reduction (a NaN
                                       only that rank sees) at iteration I, or whenever its global
                                       batch holds stream position S (a "bad sample" that follows the
                                       data through rollbacks and resumes)

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from megallm import checkpoint  # noqa: E402
 from megallm.checkpoint.convert import config_from_meta, resolve_megallm  # noqa: E402
 from megallm.config import apply_overrides  # noqa: E402
-from megallm import checkpoint  # noqa: E402
 from megallm.training.loop import Trainer  # noqa: E402
 from tests.distributed.scenarios import load_spec, set_up_layout  # noqa: E402
 
@@ -36,7 +36,7 @@ def pipelined_forward(chunks, cfg, tokens: torch.Tensor):
 
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     num_stages = pp * len(chunks)
-    hidden_shape = (*tokens.shape, cfg.model.hidden_size)
+    hidden_shape = (tokens.shape[1], tokens.shape[0], cfg.model.hidden_size)  # [s, b, h] between stages
     out = None
     for stage in range(num_stages):
         if stage % pp != pp_rank:
