@@ -101,13 +101,16 @@ def main() -> int:
         n = write_random_hf(out / "hf", parse_size(args.max_shard_size))
         print(f"random checkpoint: {n / 1e9:.2f}B parameters in {time.perf_counter() - start:.0f} s")
         baseline, _, _ = measured(["--help"], out / "peak")
-        to_mg, t1, c1 = measured(["--from", "hf", "--to", "megallm", "--input", str(out / "hf"), "--output", str(out / "mg"),
-                              "--tp", "2", "--pp", "2"], out / "peak")
-        to_hf, t2, c2 = measured(["--from", "megallm", "--to", "hf", "--input", str(out / "mg"), "--output",
-                              str(out / "hf_back"), "--dtype", "bf16", "--max-shard-size", args.max_shard_size], out / "peak")
-        exact = all(same_tensor(out / "hf", out / "hf_back", k) for k in ("lm_head.weight", "model.layers.7.mlp.up_proj.weight"))
+        to_mg, t1, c1 = measured(["--from", "hf", "--to", "megallm", "--input", str(out / "hf"),
+                                  "--output", str(out / "mg"), "--tp", "2", "--pp", "2"], out / "peak")
+        to_hf, t2, c2 = measured(["--from", "megallm", "--to", "hf", "--input", str(out / "mg"),
+                                  "--output", str(out / "hf_back"), "--dtype", "bf16",
+                                  "--max-shard-size", args.max_shard_size], out / "peak")
+        exact = all(same_tensor(out / "hf", out / "hf_back", k)
+                    for k in ("lm_head.weight", "model.layers.7.mlp.up_proj.weight"))
         tensor_mb = MODEL.vocab_size * MODEL.hidden_size * 4 / 1e6  # the fp32 embedding / head
-        rows = [("hf (bf16) -> megallm (fp32)", to_mg, t1, c1, largest_file_mb(out / "hf"), largest_file_mb(out / "mg")),
+        rows = [("hf (bf16) -> megallm (fp32)", to_mg, t1, c1, largest_file_mb(out / "hf"),
+                 largest_file_mb(out / "mg")),
                 ("megallm (fp32) -> hf (bf16)", to_hf, t2, c2, largest_file_mb(out / "mg"),
                  largest_file_mb(out / "hf_back"))]
         print(f"\nbaseline (imports only): {baseline:.0f} MB; largest tensor (fp32): {tensor_mb:.0f} MB; "

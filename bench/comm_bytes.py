@@ -62,7 +62,7 @@ def sent(rank: dict, key: str) -> int:
 def dp_rows(results: dict) -> list[list]:
     """Data-parallel bytes per rank (mean over ranks) against the bandwidth-optimal minimum."""
     rows = []
-    for name, path, overrides, what in SCENARIOS:
+    for name, _, _, what in SCENARIOS:
         ranks = results[name]["ranks"]
         a = ranks[0]["analytical"]
         n = len(ranks)

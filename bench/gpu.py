@@ -128,7 +128,7 @@ def run_variant(name: str, cfg: Config, device: torch.device, iters: int, warmup
         if i >= warmup:
             seconds.append(s)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del runner, step
+    runner = step = None  # drop the model and its closures before measuring the next variant
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -23,12 +23,14 @@ import sys
 from pathlib import Path
 
 from benchlib import ROOT, median
+
 from megallm.config import apply_overrides, load_yaml
 
 SCHEDULES = [  # (label, overrides)
     ("1F1B", {"pipeline_schedule": "1f1b"}),
     ("interleaved 1F1B, v=2", {"pipeline_schedule": "interleaved_1f1b", "virtual_pipeline_model_parallel_size": 2}),
-    ("zero bubble (interleaved ZB), v=2", {"pipeline_schedule": "zero_bubble", "virtual_pipeline_model_parallel_size": 2}),
+    ("zero bubble (interleaved ZB), v=2",
+     {"pipeline_schedule": "zero_bubble", "virtual_pipeline_model_parallel_size": 2}),
 ]
 # 8 layers: pp 4 x v 2 needs a multiple of 8 (the tiny config has 4).
 MODEL = {"num_layers": 8}

@@ -6,8 +6,8 @@
 Sections: (1) megallm vs HuggingFace training throughput, (2) pipeline efficiency, (3) data
 pipeline against the training loop's demand, (4) start-up of an 8-process launch, (5) the spike
 detector's overhead, (6) the GPU figures of bench/gpu.py when bench/gpu_results.json holds a
-run (else why there are none), beside published anchors, (7) `make preflight` on this node. --quick shrinks every section to a smoke
-run (the tests use it); its RESULTS.md says so at the top.
+run (else why there are none), beside published anchors, (7) `make preflight` on this node.
+--quick shrinks every section to a smoke run (the tests use it); its RESULTS.md says so at the top.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import benchlib  # noqa: E402
-from megallm.files import atomic_write  # noqa: E402
 from benchlib import median, table  # noqa: E402
 
-# Published anchors (shared/REFERENCE.md) and why a one-GPU bf16 slice is or is not comparable.
+from megallm.files import atomic_write  # noqa: E402
+
+# Published anchors (docs/references.md#performance) and why a one-GPU bf16 slice is or is not comparable.
 ANCHORS = [
     ("NeMo LLaMA2-70B, 64 H100, FP8, TP4 PP4 VP20", "759 TFLOP/s/GPU, 1707 tokens/s/GPU",
      "no: FP8 (2x bf16 peak), full 80-layer model, 64 GPUs with TP/PP communication"),
@@ -52,7 +53,6 @@ def fmt(x: float, digits: int = 0) -> str:
 
 def section_throughput(out: Path, quick: bool) -> tuple[dict, str]:
     import torch
-
     from train_vs_hf import compare
 
     torch.set_num_threads(1)  # the project's rule for CPU ranks (OMP_NUM_THREADS=1); same on both sides
@@ -64,10 +64,10 @@ def section_throughput(out: Path, quick: bool) -> tuple[dict, str]:
     m = cfg.model
     ratio = r["megallm_tokens_per_s"] / r["hf_tokens_per_s"]
     rows = [
-        ["megallm, tp 1 pp 1 (Trainer.train_step)", fmt(r["megallm_tokens_per_s"]), fmt(median(r["megallm_s"]) * 1e3),
-         f"{r['first_loss']['megallm']:.6f}"],
-        ["HF transformers LlamaForCausalLM + torch.optim.AdamW", fmt(r["hf_tokens_per_s"]), fmt(median(r["hf_s"]) * 1e3),
-         f"{r['first_loss']['hf']:.6f}"],
+        ["megallm, tp 1 pp 1 (Trainer.train_step)", fmt(r["megallm_tokens_per_s"]),
+         fmt(median(r["megallm_s"]) * 1e3), f"{r['first_loss']['megallm']:.6f}"],
+        ["HF transformers LlamaForCausalLM + torch.optim.AdamW", fmt(r["hf_tokens_per_s"]),
+         fmt(median(r["hf_s"]) * 1e3), f"{r['first_loss']['hf']:.6f}"],
     ]
     verdict = "met" if ratio >= 1.0 else "NOT met"
     text = "\n".join([
@@ -117,7 +117,8 @@ def section_pipeline(out: Path, quick: bool) -> tuple[list, str]:
         "measured: the pipeline step (forward + backward of the m micro-batches, no optimizer) from a barrier "
         f"before to a barrier after, median of {iters} iterations after {warmup} warm-up ones. T_stage: the busiest "
         "rank's chunks running forward + backward over the same m micro-batches ALONE, the other ranks asleep at "
-        f"a barrier, so it has a core to itself (median of {repeats}, same launch). predicted = T_stage x (1 + bubble), "
+        f"a barrier, so it has a core to itself (median of {repeats}, same launch). "
+        "predicted = T_stage x (1 + bubble), "
         "bubble = (p-1)/(v m) from megallm.planner (the planner gives zero bubble the interleaved figure, so "
         "efficiency > 1 there is the schedule beating it). efficiency = predicted / measured. With p ranks on "
         f"{cores} cores the stages cannot all run at once: core floor = sum of the ranks' T_stage / {cores}; "
@@ -146,10 +147,12 @@ def section_data(out: Path, quick: bool, demand: dict) -> tuple[dict, str]:
     text = "\n".join([
         "## 3. Data pipeline against the training loop's demand",
         "",
-        table(["training loop (tokens/s one loader must feed)", "demand tokens/s", "loader tokens/s", "headroom"], rows),
+        table(["training loop (tokens/s one loader must feed)", "demand tokens/s", "loader tokens/s", "headroom"],
+              rows),
         "",
         table(["data step", "throughput"], [
-            ["preprocessing (demo corpus: Shakespeare jsonl, SentencePiece 4096)", f"{mb_s:.2f} MB/s ({workers} workers)"],
+            ["preprocessing (demo corpus: Shakespeare jsonl, SentencePiece 4096)",
+             f"{mb_s:.2f} MB/s ({workers} workers)"],
             [f"check_data scan ({check_tokens / 1e6:.0f}M tokens, page cache warm)", f"{check / 1e6:,.0f}M tokens/s"],
         ]),
         "",
@@ -233,12 +236,14 @@ def section_preflight(out: Path, data_prefix: str, quick: bool) -> tuple[dict, s
     for k in range(1 if quick else 3):
         report = pf / f"preflight_{k}.json"
         started = time.perf_counter()
-        proc = subprocess.run(["make", "-s", "preflight", f"PREFLIGHT_ARGS=--config {pf / 'config.yaml'} --json-out {report}"],
+        preflight_args = f"PREFLIGHT_ARGS=--config {pf / 'config.yaml'} --json-out {report}"
+        proc = subprocess.run(["make", "-s", "preflight", preflight_args],
                               cwd=HERE.parent, capture_output=True, text=True)
         wall = time.perf_counter() - started
         (pf / f"preflight_{k}.log").write_text(proc.stdout + proc.stderr)
         if not report.exists():
-            raise RuntimeError(f"make preflight wrote no report (exit {proc.returncode}); see {pf / f'preflight_{k}.log'}")
+            raise RuntimeError(f"make preflight wrote no report (exit {proc.returncode}); "
+                               f"see {pf / f'preflight_{k}.log'}")
         doc = json.loads(report.read_text())
         runs.append({"wall_s": wall, "exit": proc.returncode, "doc": doc})
     walls = [r["wall_s"] for r in runs]
@@ -256,7 +261,8 @@ def section_preflight(out: Path, data_prefix: str, quick: bool) -> tuple[dict, s
         return f"{r['value']:.3g} {r['unit']} ({r['status']}, threshold {r['threshold']}{why})"
 
     verdict = "met" if max(walls) < 30 else "NOT met"
-    rows = [["`make preflight` wall time (torchrun start to exit)", f"median {median(walls):.1f} s, max {max(walls):.1f} s "
+    rows = [["`make preflight` wall time (torchrun start to exit)",
+             f"median {median(walls):.1f} s, max {max(walls):.1f} s "
              f"over {len(walls)} runs (target < 30 s: {verdict})"],
             ["measurements inside the module", f"{last['measurements']['seconds']:.2f} s"],
             ["exit codes", ", ".join(str(r["exit"]) for r in runs)],
@@ -279,7 +285,7 @@ def section_preflight(out: Path, data_prefix: str, quick: bool) -> tuple[dict, s
 
 
 def section_gpu(results_json: Path) -> str:
-    anchors = table(["published anchor (shared/REFERENCE.md)", "figure", "comparable with one GPU, bf16, 2-4 layers?"],
+    anchors = table(["published anchor (docs/references.md)", "figure", "comparable with one GPU, bf16, 2-4 layers?"],
                     ANCHORS)
     head = "## 6. GPU: a LLaMA2-70B slice on one GPU (bench/gpu.py)"
     if not results_json.exists():
@@ -362,7 +368,8 @@ def main(argv=None) -> int:
     log("section 3: data")
     demand = {
         "tiny, 1 process (section 1)": single["megallm_tokens_per_s"],
-        "tiny, 8 processes tp 2 pp 2 dp 2 (section 4), per data-parallel rank": launch["spike"]["as_is"]["tokens_per_s"] / 2,
+        "tiny, 8 processes tp 2 pp 2 dp 2 (section 4), per data-parallel rank":
+            launch["spike"]["as_is"]["tokens_per_s"] / 2,
         "LLaMA2-70B on H100 (NeMo: 1707 tokens/s/GPU x 16 GPUs per replica)": 1707 * 16,
     }
     data, s3 = section_data(out, args.quick, demand)
@@ -372,7 +379,8 @@ def main(argv=None) -> int:
     s6 = section_gpu(Path(args.gpu_results))
     text = "\n\n".join([header(started, load_start, args.quick), s1, s2, s3, s4, s5, s6, s7]) + "\n"
     results = atomic_write(args.results, text)
-    (out / "results.json").write_text(json.dumps({"throughput": single, "launch": launch, "data": data, "preflight": preflight}, default=str))
+    summary = {"throughput": single, "launch": launch, "data": data, "preflight": preflight}
+    (out / "results.json").write_text(json.dumps(summary, default=str))
     log(f"wrote {results}")
     return 0
 

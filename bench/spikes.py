@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import benchlib
 import spike_traces
@@ -260,9 +259,10 @@ def main(argv=None) -> int:
         svw = json.loads(cached.read_text()) if cached.exists() else None
         svw = svw if svw and svw["spec"] == list(default_spec[1:]) else None
     clean = [h["overrides"] for h, _ in traces if h["kind"] == "clean"]
-    clean_runs = "no clean runs recorded" if not clean else (f"{len(clean)} runs: batch {sorted({o['global_batch_size'] for o in clean})} sequences, lr "
-                  f"{min(o['lr'] for o in clean):g} to {max(o['lr'] for o in clean):g}, warm-up "
-                  f"{sorted({o['lr_warmup_iters'] for o in clean})} iterations, from the first iteration")
+    clean_runs = "no clean runs recorded" if not clean else (
+        f"{len(clean)} runs: batch {sorted({o['global_batch_size'] for o in clean})} sequences, lr "
+        f"{min(o['lr'] for o in clean):g} to {max(o['lr'] for o in clean):g}, warm-up "
+        f"{sorted({o['lr_warmup_iters'] for o in clean})} iterations, from the first iteration")
     text = render([(spec[0], s) for spec, s in scores], kinds, args.default, issue,
                   per_call_cost(default_spec[1:]), iteration_ms(), svw, false_skips(default_spec[1:], traces),
                   clean_runs)

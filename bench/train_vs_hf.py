@@ -12,10 +12,10 @@ sides). Iterations alternate megallm, HF, megallm, HF, ... so that a slow phase 
 from __future__ import annotations
 
 import torch
-
 from benchlib import median, percentile
-from megallm.config import Config
 from side_by_side import HFTrainer, hf_state_dict, timed, world_of_one
+
+from megallm.config import Config
 
 
 def compare(cfg: Config, iters: int, warmup: int) -> dict:

@@ -127,7 +127,8 @@ class TrainingConfig:
     eval_iters: int = 4
     """Global batches of the validation split each evaluation reads."""
     params_dtype: str = "auto"
-    """Parameter and activation dtype: auto is fp32 on CPU and bf16 on CUDA; bf16 keeps fp32 main grads, masters and moments."""
+    """Parameter and activation dtype: auto is fp32 on CPU and bf16 on CUDA; bf16 keeps fp32 main
+    grads, masters and moments."""
     exit_signal_handler: bool = True
     """Save a checkpoint (with --save) and stop cleanly on SIGTERM or SIGINT (a scheduler's preemption)."""
     bf16: bool = False
@@ -510,7 +511,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     for name, value in positive.items():
         rule(value >= 1, f"{name}={value}: must be at least 1")
     rule(t.params_dtype in ("auto", "fp32", "bf16"),
-         f"params_dtype={t.params_dtype!r}: must be auto, fp32 or bf16 (fp16 would need loss scaling, which megallm lacks)")
+         f"params_dtype={t.params_dtype!r}: must be auto, fp32 or bf16 "
+         "(fp16 would need loss scaling, which megallm lacks)")
     if errors:
         return errors
     rule(m.hidden_size % m.num_attention_heads == 0,

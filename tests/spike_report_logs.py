@@ -50,7 +50,8 @@ def _documents(samples: list[int], junk: bool) -> list[dict]:
     out = []
     for k in samples:
         out.append({"sample": k, "dataset": "data/shard", "documents": [2 * k, 2 * k + 1],
-                    "sources": [f"shard_{k // 100}.jsonl:{2 * (k % 100) + 1}", f"shard_{k // 100}.jsonl:{2 * (k % 100) + 2}"]})
+                    "sources": [f"shard_{k // 100}.jsonl:{2 * (k % 100) + 1}",
+                                f"shard_{k // 100}.jsonl:{2 * (k % 100) + 2}"]})
     if junk:
         out[JUNK["sample_offset"]] = {"sample": samples[JUNK["sample_offset"]], "dataset": JUNK["dataset"],
                                       "documents": [JUNK["document"]], "sources": [JUNK["source"]]}

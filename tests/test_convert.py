@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megallm import checkpoint
 from megallm.checkpoint import convert
 from megallm.checkpoint.hf_config import ConversionError
 from megallm.checkpoint.hf_files import parse_size, plan_shards
 from megallm.config import apply_overrides, load_yaml
-from megallm import checkpoint
 from tests.test_model import hf_llama
 
 TINY = {"vocab_size": 1001, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 8, "num_query_groups": 2,

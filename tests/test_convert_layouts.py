@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megallm.checkpoint import convert
 from megallm import checkpoint
+from megallm.checkpoint import convert
 from tests.launch import torchrun
 from tests.test_convert import hf, hf_logits, hf_weights  # noqa: F401 (hf is a fixture)
 

@@ -42,7 +42,7 @@ def records(log_dir):
     path = Path(log_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 def wait_for_iteration(log_dir, iteration, proc, timeout=240):
@@ -80,7 +80,7 @@ def test_sigterm_checkpoints_at_the_next_boundary_and_exits_0(tmp_path):
     assert (save / "latest_checkpointed_iteration.txt").read_text() == str(last)
     meta = json.loads((save / f"iter_{last:07d}" / "meta.json").read_text())
     assert meta["iteration"] == last and meta["trainer"]["consumed_samples"] == 16 * last
-    assert any(json.loads(l)["event"] == "signal" for l in (log / "events.jsonl").read_text().splitlines())
+    assert any(json.loads(line)["event"] == "signal" for line in (log / "events.jsonl").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_hung_rank_is_restarted_by_ft_launcher_from_the_last_checkpoint(tmp_path
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert marker.exists()  # rank 1 did hang at iteration 5
-    events = [json.loads(l) for l in (log / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (log / "events.jsonl").read_text().splitlines()]
     resumes = [e for e in events if e["event"] == "resume"]
     assert resumes and resumes[-1]["iteration"] == 4  # restarted from the checkpoint before the hang
     its = [r["iteration"] for r in records(log)]

@@ -105,7 +105,7 @@ def test_suspects_written_and_read_back(hand_built, tmp_path):
     fx.close()
     assert [(s["sample"], s["document"]) for s in suspects] == [(junk.sample, junk.document)]
     assert suspects[0]["source"] == f"hand.jsonl:{(junk.document + 1) * 10}" and suspects[0]["z"] > 6
-    lines = [json.loads(l) for l in (tmp_path / "suspects-dp1.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "suspects-dp1.jsonl").read_text().splitlines()]
     assert lines == suspects and lines[0]["iteration"] == 7 and lines[0]["tokens"] == junk.end - junk.start
     summary = json.loads((tmp_path / "segment_losses-dp1.jsonl").read_text())
     assert summary["iteration"] == 7 and 3.9 < summary["median"] < 4.1

@@ -56,7 +56,7 @@ def test_shard_unshard_round_trip_keeps_gqa_groups(tp):
     cfg = apply_overrides(load_yaml("configs/tiny.yaml"), {"tp": tp})
     shapes = wm.logical_shapes(cfg, 0)
     logical = {k: torch.randn(v) for k, v in shapes.items()}
-    for suffix, parts in wm.LAYER_PARTS.items():
+    for parts in wm.LAYER_PARTS.values():
         parts = [wm.Part(wm.layer_prefix(0) + p.logical, p.dim) for p in parts]
         shards = [wm.shard([logical[p.logical] for p in parts], [p.dim for p in parts], r, tp) for r in range(tp)]
         back = wm.to_logical(shards, parts, cfg)
@@ -73,7 +73,8 @@ def test_shard_unshard_round_trip_keeps_gqa_groups(tp):
 
 
 def test_vocab_padding_rows_are_zero_and_dropped_again():
-    cfg = apply_overrides(load_yaml("configs/tiny.yaml"), {"vocab_size": 4000, "make_vocab_size_divisible_by": 128, "tp": 2})
+    cfg = apply_overrides(load_yaml("configs/tiny.yaml"),
+                          {"vocab_size": 4000, "make_vocab_size_divisible_by": 128, "tp": 2})
     assert cfg.padded_vocab_size == 4096
     emb = torch.randn(4000, 128)
     padded = wm.pad_vocab(emb, cfg.padded_vocab_size)

@@ -1,17 +1,19 @@
 """Every (tp, pp, dp) layout trains exactly like one process.
 
 Tiny config, fp32, fixed seed and synthetic data, 5 iterations: per-iteration loss equal to the
-single-process run within 1e-5 relative (measured: 3e-8), and final weights (gathered into the layout-free
-checkpoint) within 1e-5 absolute. Differences come only from the order of floating-point sums
-(all-reduce over dp, row-parallel partial sums over tp), hence a tolerance and not bit equality.
+single-process run within 1e-5 relative (measured: 3e-8), and final weights (gathered into the
+layout-free checkpoint) within 1e-5 absolute. Differences come only from the order of
+floating-point sums (all-reduce over dp, row-parallel partial sums over tp), hence a tolerance and
+not bit equality.
 
-adam_eps is 1e-6 and lr 1e-3 here (the tiny config trains at 3e-3 with eps 1e-8): Adam divides each element's momentum by its own gradient scale,
-so an element whose gradient is at the level of fp32 rounding noise (~1e-9 for some embedding rows
-of this tiny model) gets an update of order lr whose sign is noise, in any two runs that sum in a
-different order; the size of those updates scales with lr (measured at lr 3e-3: 7e-5 with
-eps 1e-8, 1.5e-5 with eps 1e-6, always on a handful of embedding elements). Gradients are compared through the grad norm of every iteration (1e-4 relative;
-measured: 1e-7 for iterations 1-4, 5.4e-5 at iteration 5 once Adam has amplified rounding in a few
-elements) and Adam's moments after the last one (1e-3 of each tensor's largest value: five steps of
+adam_eps is 1e-6 and lr 1e-3 here (the tiny config trains at 3e-3 with eps 1e-8): Adam divides
+each element's momentum by its own gradient scale, so an element whose gradient is at the level of
+fp32 rounding noise (~1e-9 for some embedding rows of this tiny model) gets an update of order lr
+whose sign is noise, in any two runs that sum in a different order; the size of those updates
+scales with lr (measured at lr 3e-3: 7e-5 with eps 1e-8, 1.5e-5 with eps 1e-6, always on a
+handful of embedding elements). Gradients are compared through the grad norm of every iteration
+(1e-4 relative; measured: 1e-7 for iterations 1-4, 5.4e-5 at iteration 5 once Adam has amplified
+rounding in a few elements) and Adam's moments after the last one (1e-3 of each tensor's largest value: five steps of
 trajectories that differ by rounding, squared in the second moment, measured at most 1.7e-4).
 """
 
@@ -48,7 +50,8 @@ LAYOUTS = {
                                             "recompute_granularity": "full", "recompute_method": "block",
                                             "recompute_num_layers": 1, "use_distributed_optimizer": True},
 }
-COMMON = {"train_iters": 5, "lr_warmup_iters": 0, "eval_interval": 0, "save_interval": 0, "adam_eps": 1e-6, "lr": 1e-3, "min_lr": 1e-4}
+COMMON = {"train_iters": 5, "lr_warmup_iters": 0, "eval_interval": 0, "save_interval": 0, "adam_eps": 1e-6, "lr": 1e-3,
+          "min_lr": 1e-4}
 
 
 # a layout that changes the model's shape is compared with a single process of the same shape
@@ -60,8 +63,8 @@ def reference_for(layout: dict) -> str:
 
 
 def scenario(name, tmp, layout):
-    return {"name": name, "overrides": COMMON | layout | {"log_dir": str(tmp / name), "save": str(tmp / f"ckpt_{name}")},
-            "save_final": True}
+    overrides = COMMON | layout | {"log_dir": str(tmp / name), "save": str(tmp / f"ckpt_{name}")}
+    return {"name": name, "overrides": overrides, "save_final": True}
 
 
 def weights(tmp, name, kind="model"):

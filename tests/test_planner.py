@@ -100,7 +100,8 @@ def test_recompute_modes_and_attention_scores(cfg70):
     per_layer = 43_809 * 8192
     assert full.stages[0].activations["layers"] == 80 * 8192 * 1024 * 2
     assert full.stages[0].activations["recompute"] == per_layer
-    assert full.hardware_flops_per_iteration > selective.hardware_flops_per_iteration == none.hardware_flops_per_iteration
+    assert (full.hardware_flops_per_iteration > selective.hardware_flops_per_iteration
+            == none.hardware_flops_per_iteration)
     # block recompute of 4 of a chunk's 10 layers: 4 kept inputs and 6 layers in full per micro-batch
     cfg70.training.recompute_granularity, cfg70.training.recompute_method = "full", "block"
     cfg70.training.recompute_num_layers = 4

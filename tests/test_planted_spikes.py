@@ -36,7 +36,7 @@ def planted(tmp_path_factory):
     clean, tokenizer = prepare_demo_data(ROOT / "data_cache", vocab_size=4096, workers=2)
     overrides = {"tp": 2, "pp": 2, "train_iters": ITERS, "data_path": [clean], "tokenizer_model": str(tokenizer),
                  "data_cache_path": str(tmp / "cache"), "eval_interval": 0, "log_dir": str(tmp / "log")}
-    plant = ",".join("%d-%d" % stream_range(it) for it in JUNK_ITERATIONS)
+    plant = ",".join(f"{a:d}-{b:d}" for a, b in map(stream_range, JUNK_ITERATIONS))
     runs = run_scenarios(8, tmp, [{"name": "planted", "overrides": overrides,
                                    "env": {"MEGALLM_PLANT_JUNK": plant}}], timeout=1800)
     return tmp, runs["planted"]
@@ -57,7 +57,7 @@ def test_exactly_the_junk_iterations_are_skipped_on_every_rank(planted):
 
 def test_spike_records_name_the_junk_samples(planted):
     tmp, _ = planted
-    spikes = [json.loads(l) for l in (tmp / "log" / "spikes.jsonl").read_text().splitlines()]
+    spikes = [json.loads(line) for line in (tmp / "log" / "spikes.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in spikes] == JUNK_ITERATIONS
     for s in spikes:
         a, b = stream_range(s["iteration"])
@@ -79,5 +79,5 @@ def test_spike_report_explains_the_run(planted):
     assert Path(paths["html"]).stat().st_size > 10_000 and Path(paths["png"]).exists()
     skip = write_skip_list(report, tmp / "skip.txt")
     assert skip["samples"] == len(JUNK_ITERATIONS) * GBS
-    listed = [int(l) for l in (tmp / "skip.txt").read_text().splitlines() if l and not l.startswith("#")]
+    listed = [int(line) for line in (tmp / "skip.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert listed == [s for it in JUNK_ITERATIONS for s in range(*stream_range(it))]

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import spike_report_logs as logs
+
 from megallm.config import Config, apply_overrides, load_yaml
-from megallm.report import ReportError, build_report, write_outputs, write_skip_list
-from megallm.report import advice, analysis, plot
+from megallm.report import ReportError, advice, analysis, build_report, plot, write_outputs, write_skip_list
 
 REPO = Path(__file__).resolve().parents[1]
 

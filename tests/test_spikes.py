@@ -8,8 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from megallm.training.spikes import (MAD_TO_SIGMA, MEGATRON_FACTOR, METHODS, EmaResidual, MedianMAD, MeanStd,
-                                     RollbackPolicy, SpikeDetector, Trend, replay)
+from megallm.training.spikes import (
+    MAD_TO_SIGMA,
+    MEGATRON_FACTOR,
+    METHODS,
+    EmaResidual,
+    MeanStd,
+    MedianMAD,
+    RollbackPolicy,
+    SpikeDetector,
+    Trend,
+    replay,
+)
 
 TRACES = Path(__file__).resolve().parents[1] / "bench" / "traces"
 

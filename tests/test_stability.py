@@ -6,7 +6,7 @@ Synthetic data; the planted-junk-documents test lives in test_planted_spikes.py.
 import json
 
 import pytest
-from safetensors.torch import save_file, load_file
+from safetensors.torch import load_file, save_file
 
 from tests.launch import run_scenarios
 
@@ -68,7 +68,7 @@ def test_nan_on_one_rank_skips_on_all_ranks(runs):
     assert recs[2]["skip_reason"] == "nonfinite_grad"
     assert recs[2]["consumed_samples"] == 48  # the skipped batch counts as consumed
     assert recs[3]["lr"] == recs[2]["lr"]  # the schedule did not advance on the skip
-    spikes = [json.loads(l) for l in (tmp / "log_nan" / "spikes.jsonl").read_text().splitlines()]
+    spikes = [json.loads(line) for line in (tmp / "log_nan" / "spikes.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in spikes] == [3] and spikes[0]["samples"] == list(range(32, 48))
 
 
@@ -85,7 +85,7 @@ def test_persistent_spikes_roll_back_and_move_past_the_bad_data(runs):
     tmp, r = runs
     run = r["rollback"]
     assert "error" not in run, run.get("error")
-    events = [json.loads(l) for l in (tmp / "log_rb" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp / "log_rb" / "events.jsonl").read_text().splitlines()]
     rollbacks = [e for e in events if e["event"] == "rollback"]
     assert len(rollbacks) == 1
     rb = rollbacks[0]
@@ -102,7 +102,7 @@ def test_persistent_spikes_roll_back_and_move_past_the_bad_data(runs):
 
 def test_spike_records_carry_statistics_and_samples(runs):
     tmp, _ = runs
-    rec = [json.loads(l) for l in (tmp / "log_rb" / "spikes.jsonl").read_text().splitlines()]
+    rec = [json.loads(line) for line in (tmp / "log_rb" / "spikes.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in rec] == [12, 13, 14, 15]
     assert [s["action"] for s in rec] == ["skip", "skip", "skip", "rollback"]
     for s in rec:

@@ -3,12 +3,14 @@
     python tools/convert_checkpoint.py --from hf --to megallm --input Llama-2-7b-hf --output ckpt/llama2_7b \\
         --tp 2 --pp 2
     python tools/convert_checkpoint.py --from megallm --to hf --input runs/x/ckpt --output llama-out --dtype bf16
-    python tools/convert_checkpoint.py --from megallm --to megallm --input ckpt/a --output ckpt/b --tp 4 --pp 2 --vpp 2
+    python tools/convert_checkpoint.py --from megallm --to megallm --input ckpt/a --output ckpt/b \\
+        --tp 4 --pp 2 --vpp 2
 
 megallm checkpoints hold HuggingFace-named logical tensors (whole, one file per layer, when written
-here; as boxes written by each rank when training saved them), so every layout reads the same files: --tp/--pp/--vpp are validated (tp divides heads, key/value groups,
-ffn and vocab; pp x vpp divides the layers) and recorded as the intended layout, and
-megallm -> megallm is a checksum-verified copy under the new layout. Outputs are model-only:
+here; as boxes written by each rank when training saved them), so every layout reads the same
+files: --tp/--pp/--vpp are validated (tp divides heads, key/value groups, ffn and vocab; pp x vpp
+divides the layers) and recorded as the intended layout, and megallm -> megallm is a
+checksum-verified copy under the new layout. Outputs are model-only:
 `launch/pretrain_llama2.py --load OUTPUT` starts a fresh optimizer and schedule. Tensors are
 streamed one at a time (memory stays near one output shard or layer file).
 Exit status: 0 done, 2 bad arguments or input (one line naming the file or key).

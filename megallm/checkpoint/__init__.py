@@ -6,7 +6,16 @@ The training loop calls save/load with its Trainer; this package reads the train
 optimizer and exchanges its progress only through Trainer.state_dict()/load_state_dict().
 """
 
-from megallm.checkpoint.format import (FORMAT, LATEST, CheckpointError, complete_iterations, file_record,  # noqa: F401
-                                       is_model_only, iter_dir, load_candidates, verify_files)
+from megallm.checkpoint.format import (  # noqa: F401
+    FORMAT,
+    LATEST,
+    CheckpointError,
+    complete_iterations,
+    file_record,
+    is_model_only,
+    iter_dir,
+    load_candidates,
+    verify_files,
+)
 from megallm.checkpoint.load import load, load_model_weights, read_meta  # noqa: F401
 from megallm.checkpoint.save import due, save, wait_for_pending  # noqa: F401

@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 _thread: Optional[threading.Thread] = None
 _error: Optional[str] = None

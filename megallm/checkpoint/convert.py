@@ -39,8 +39,16 @@ from safetensors.torch import save_file
 from megallm import __version__
 from megallm.checkpoint.format import FORMAT, LATEST, file_record, iter_dir, verify_files
 from megallm.checkpoint.format import layer_file as file_of
-from megallm.checkpoint.hf_config import (DTYPES, HF_KEYS, ConversionError, generation_config, hf_config_from_model,
-                                          model_config_from_hf, read_json, token_ids_of)
+from megallm.checkpoint.hf_config import (
+    DTYPES,
+    HF_KEYS,
+    ConversionError,
+    generation_config,
+    hf_config_from_model,
+    model_config_from_hf,
+    read_json,
+    token_ids_of,
+)
 from megallm.checkpoint.hf_files import DEFAULT_MAX_SHARD_SIZE, HFWeights, no_progress, stream_groups, write_hf_weights
 from megallm.checkpoint.load import PieceReader, read_meta
 from megallm.config import Config, ModelConfig, apply_overrides, validate
@@ -116,7 +124,8 @@ def _empty_output(path: Path, allowed_leftovers: tuple[str, ...] = ()) -> None:
     if path.is_dir():
         others = [p.name for p in path.iterdir() if not p.name.endswith(allowed_leftovers)]
         if others:
-            raise ConversionError(f"{path}: not empty (holds {sorted(others)[0]}, ...); choose a new --output directory")
+            raise ConversionError(f"{path}: not empty (holds {sorted(others)[0]}, ...); "
+                                  "choose a new --output directory")
 
 
 @contextmanager

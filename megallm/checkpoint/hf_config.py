@@ -62,7 +62,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                               "checkpoints can be converted")
     refusals = [
         ("tie_word_embeddings", bool(hf.get("tie_word_embeddings", False)),
-         "megallm's output layer is untied from the embedding (LLaMA2); set it false only if the weights really differ"),
+         "megallm's output layer is untied from the embedding (LLaMA2); "
+         "set it false only if the weights really differ"),
         ("attention_bias", bool(hf.get("attention_bias", False)), "the model has no attention biases"),
         ("mlp_bias", bool(hf.get("mlp_bias", False)), "the model has no MLP biases"),
         ("hidden_act", hf.get("hidden_act", "silu") != "silu", "the MLP is SwiGLU (silu)"),

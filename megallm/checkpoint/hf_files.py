@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -112,7 +112,8 @@ class HFWeights:
                 return index, weight_map
             if (d / single).exists():
                 return d / single, {name: single for name in self._reader(single).keys()}
-        shards = sorted(p.name for p in d.glob("model-*.safetensors")) + sorted(p.name for p in d.glob("pytorch_model-*.bin"))
+        shards = (sorted(p.name for p in d.glob("model-*.safetensors"))
+                  + sorted(p.name for p in d.glob("pytorch_model-*.bin")))
         if shards:
             raise ConversionError(f"{d}: has shards ({shards[0]}, ...) but no {SAFE_INDEX} or {BIN_INDEX}")
         raise ConversionError(f"{d}: no {SAFE_INDEX}, {SAFE_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}")

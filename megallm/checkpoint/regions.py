@@ -19,7 +19,8 @@ past the real vocabulary (padding for tensor parallelism) are not stored and loa
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 

@@ -152,8 +152,9 @@ class LlamaChunk(nn.Module):
     `pre_process` and the final norm + output head if `post_process`.
 
     forward: tokens [b, s] (pre_process) or hidden [s, b, h] ([s/tp, b, h] with sequence
-    parallelism) -> the same hidden layout, or vocab-parallel logits [b, s, vocab/tp] (post_process). `tp_group` is handed to megatron's layers as is (megatron is
-    making it a required argument); the model itself never communicates.
+    parallelism) -> the same hidden layout, or vocab-parallel logits [b, s, vocab/tp]
+    (post_process). `tp_group` is handed to megatron's layers as is (megatron is making it a
+    required argument); the model itself never communicates.
     """
 
     def __init__(self, cfg: Config, first_layer: int, num_layers: int, pre_process: bool, post_process: bool,

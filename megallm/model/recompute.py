@@ -22,7 +22,7 @@ the same arithmetic and gradients are bitwise those without recompute.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Optional
 
 import torch
 

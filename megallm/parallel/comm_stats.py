@@ -97,7 +97,7 @@ class CommStats:
     NAMES = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
              "all_gather_into_tensor", "all_gather", "broadcast", "send")
 
-    def __enter__(self) -> "CommStats":
+    def __enter__(self) -> CommStats:
         for name in self.NAMES:
             original = getattr(dist, name, None)
             if original is None:

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -76,12 +77,13 @@ def global_loss(local_losses: Optional[list[torch.Tensor]], device: torch.device
     ps = _ps()
     packed = torch.zeros(2, dtype=torch.float64, device=device)  # [loss, replicas with a NaN/Inf]
     if local_losses is not None:
-        packed[0] = torch.stack([l.double() for l in local_losses]).mean()
+        packed[0] = torch.stack([loss.double() for loss in local_losses]).mean()
         packed[1] = float(nonfinite)
         dist.all_reduce(packed, group=ps.get_data_parallel_group())
         packed[0] /= ps.get_data_parallel_world_size()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
     return float(packed[0]), bool(packed[1] > 0)
 
 

@@ -31,7 +31,8 @@ once per iteration, after backward and after the step.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -206,7 +207,8 @@ class DistributedOptimizer:
             start, end = x.start, x.end
             if not self.distributed:
                 n = end - start
-                start, end = x.start + n * self.dp_rank // self.dp_size, x.start + n * (self.dp_rank + 1) // self.dp_size
+                start = x.start + n * self.dp_rank // self.dp_size
+                end = x.start + n * (self.dp_rank + 1) // self.dp_size
                 tensors = {k: t.view(-1)[start - x.start:end - x.start] for k, t in tensors.items()}
             shards.append(OptimizerShard(x.param, start, end, tensors))
         return shards, self._scalars()

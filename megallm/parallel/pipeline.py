@@ -13,7 +13,8 @@ Chunk v of pipeline rank r is virtual stage s = v * pp + r and holds layers
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -102,7 +103,8 @@ class PipelineRunner:
                   for chunk, (stage, _, _) in zip(chunks, stage_layout(cfg, pp_rank))]
         schedule = cfg.parallel.pipeline_schedule
         if cfg.parallel.virtual_pipeline_model_parallel_size:
-            cls = pipelining.ScheduleInterleavedZeroBubble if schedule == "zero_bubble" else pipelining.ScheduleInterleaved1F1B
+            cls = (pipelining.ScheduleInterleavedZeroBubble if schedule == "zero_bubble"
+                   else pipelining.ScheduleInterleaved1F1B)
             self.schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
         else:
             cls = pipelining.ScheduleGPipe if schedule == "gpipe" else pipelining.Schedule1F1B
@@ -143,7 +145,7 @@ class PipelineRunner:
         args = (tokens,) if self.first else ()
         self.schedule.step(*args, target=labels if self.last else None, losses=losses if self.last else None,
                            return_outputs=False)
-        return [l.detach() for l in losses] if self.last else None
+        return [loss.detach() for loss in losses] if self.last else None
 
     @torch.no_grad()
     def evaluate(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> Optional[list[torch.Tensor]]:
@@ -155,7 +157,7 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.first else ()
         self.schedule.eval(*args, target=labels if self.last else None, losses=losses if self.last else None)
-        return [l.detach() for l in losses] if self.last else None
+        return [loss.detach() for loss in losses] if self.last else None
 
     def _step_without_pipeline(self, tokens, labels):
         (model,) = self.chunks

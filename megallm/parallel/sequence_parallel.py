@@ -24,7 +24,8 @@ per layer by the model (`linear_with_sequence_parallel` as the column-parallel l
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -105,9 +105,11 @@ def _summary_lines(s: dict, rollbacks: list[dict], clustering: dict, zs: dict) -
     d = clustering["documents"]
     if d["repeated_documents"]:
         k = d["repeated_documents"][0]["spikes"]
-        lines.append(f"same documents in several spikes: {len(d['repeated_documents'])} document(s), up to {k} spikes each")
+        lines.append(f"same documents in several spikes: {len(d['repeated_documents'])} document(s), "
+                     f"up to {k} spikes each")
     elif d["spikes_with_documents"]:
-        lines.append(f"no document appears in more than one spike ({d['spikes_with_documents']} spikes with provenance)")
+        lines.append(f"no document appears in more than one spike "
+                     f"({d['spikes_with_documents']} spikes with provenance)")
     if s["num_excluded_samples"]:
         lines.append(f"this run excluded {s['num_excluded_samples']} samples listed in {s['exclude_samples']}")
     return lines

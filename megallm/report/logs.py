@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
@@ -70,7 +70,8 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> tuple[list[dict], 
         if missing:
             notes.append(f"{path.name}:{number}: missing {', '.join(missing)}; line skipped")
             continue
-        if "iteration" in required and (not isinstance(record["iteration"], int) or isinstance(record["iteration"], bool)):
+        if "iteration" in required and (not isinstance(record["iteration"], int)
+                                        or isinstance(record["iteration"], bool)):
             notes.append(f"{path.name}:{number}: iteration {record['iteration']!r} is not an integer; line skipped")
             continue
         records.append(record)
@@ -231,7 +232,8 @@ def _fill_missing_spikes(recorded: list[dict], metrics: list[dict], cfg: Config,
 
     have = {s["iteration"] for s in recorded}
     extra = [d for d in derive_spikes(metrics, cfg)
-             if d["iteration"] not in have and (metrics[d["position"]].get("skipped") or d["reason"].startswith("nonfinite"))]
+             if d["iteration"] not in have
+             and (metrics[d["position"]].get("skipped") or d["reason"].startswith("nonfinite"))]
     if not extra:
         return recorded
     notes.append(f"{len(extra)} skipped or non-finite steps have no spikes.jsonl record (iterations "

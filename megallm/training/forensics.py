@@ -35,9 +35,10 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -171,7 +172,7 @@ class DocumentForensics:
         self.log_dir = Path(log_dir) if log_dir else None
 
     @classmethod
-    def from_config(cls, cfg, dp_rank: int, enabled: bool) -> "DocumentForensics":
+    def from_config(cls, cfg, dp_rank: int, enabled: bool) -> DocumentForensics:
         s = cfg.spike
         return cls(cfg.logging.log_dir, dp_rank, enabled, s.suspect_zscore, s.suspect_min_tokens, s.suspect_window)
 

@@ -17,8 +17,9 @@ Sources:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 # (parameters, peak lr) of published recipes [gpt3, llama2]: a model is compared with the largest
 # lr published for a model at least its size; below 125M the 125M figure applies.

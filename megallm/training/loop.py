@@ -78,7 +78,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: Config, world_size: int, datasets=None) -> "Trainer":
+    def build(cls, cfg: Config, world_size: int, datasets=None) -> Trainer:
         ps = _ps()
         device = platform.device()
         torch.manual_seed(cfg.training.seed)
@@ -267,7 +267,8 @@ class Trainer:
                 "ranked_documents": ranked,
             })
         if action == "stop":
-            raise StopTraining(f"loss spike at iteration {self.iteration} ({decision.reason}, loss {decision.loss:.4f}, "
+            raise StopTraining(f"loss spike at iteration {self.iteration} "
+                               f"({decision.reason}, loss {decision.loss:.4f}, "
                                f"z {decision.loss_zscore}); samples {consumed_before}..{self.consumed_samples - 1} "
                                f"(spike_action=stop)")
         if action == "rollback":

@@ -224,7 +224,7 @@ class SpikeDetector:
         self._last: Optional[tuple] = None  # (loss, grad_norm, loss z, grad z) of the last evaluate
 
     @classmethod
-    def from_config(cls, spike_cfg) -> "SpikeDetector":
+    def from_config(cls, spike_cfg) -> SpikeDetector:
         return cls(spike_cfg.spike_window, spike_cfg.spike_min_history, spike_cfg.spike_zscore,
                    spike_cfg.spike_grad_zscore, spike_cfg.spike_method, spike_cfg.spike_log_loss,
                    spike_cfg.spike_suspicious_zscore)
@@ -354,7 +354,7 @@ class RollbackPolicy:
     rollbacks: list = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, spike_cfg) -> "RollbackPolicy":
+    def from_config(cls, spike_cfg) -> RollbackPolicy:
         return cls(spike_cfg.spike_max_skips, spike_cfg.spike_skip_window, spike_cfg.spike_max_rollbacks)
 
     def record_spike(self, iteration: int) -> None:

@@ -2,8 +2,8 @@
 dominates on 2 CPU cores), each a config built from the spec with megatron's groups set up for it."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch.distributed as dist
 
