@@ -39,7 +39,7 @@ BF16_LAYOUTS = {
     "tp2_pp2_dp2_bf16": {"tp": 2, "pp": 2, "bf16": True},
     "tp2_pp2_dp2_bf16_zero1": {"tp": 2, "pp": 2, "bf16": True, "use_distributed_optimizer": True},
 }
-STATE_PARTS = ("weights", "gradients", "grad_buckets", "master_weights", "optimizer")
+STATE_PARTS = ("weights", "gradients", "master_weights", "optimizer")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,17 @@
                block:   the first recompute_num_layers layers of each chunk, one checkpoint each; the
                         rest keep everything (spare memory goes to fewer re-runs).
     selective  checkpoint the cheap, memory-hungry pieces inside a layer (recompute_modules):
-               layernorm  both RMSNorms: the norm's own saved tensors go (torch's RMSNorm keeps
-                          x*rsqrt, h per token, and 1/rms); its input and output stay (the residual
-                          input is the checkpoint's input, the output is the next GEMM's input)
+               layernorm  both RMSNorms: the norm's own saved tensors go (megallm.model.norm keeps
+                          its input, which the checkpoint keeps anyway, and the fp32 1/rms); the
+                          output stays (it is the next GEMM's input)
                swiglu     silu(gate) * up: silu(gate) (f per token) is not kept, only fc1's output
                mlp        the whole SwiGLU MLP: only its input is kept (2f + 2f per token saved)
                Core attention needs no entry: SDPA's flash and memory-efficient kernels never
                store the scores and recompute them in backward already.
 
-torch.utils.checkpoint with use_reentrant=False: it restores the RNG state (dropout masks repeat),
-re-enters the forward's autocast state, and works with inputs that need no grad, so the re-run is
-the same arithmetic and gradients are bitwise those without recompute.
+torch.utils.checkpoint with use_reentrant=False: it restores the RNG state (dropout masks repeat)
+and works with inputs that need no grad, so the re-run is the same arithmetic and gradients are
+bitwise those without recompute (tests/test_recompute.py).
 """
 
 from __future__ import annotations

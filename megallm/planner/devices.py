@@ -3,8 +3,9 @@
 Memory is the total the driver reports (nvidia-smi / torch.cuda.get_device_properties), not the
 marketing figure. Peak FLOP/s are the vendor's dense (no 2:4 sparsity) numbers. Bandwidths are
 all-reduce *bus* bandwidths as nccl-tests report them, so an all-reduce of M bytes over n ranks
-takes M * 2(n-1)/n / busbw; the intra-node and per-NIC figures are the preflight's floors (docs/references.md#cluster-thresholds:
-a node that measures below them is sent back), i.e. what a healthy node gets.
+takes M * 2(n-1)/n / busbw; the intra-node and per-NIC figures are the preflight's floors
+(docs/references.md#cluster-thresholds: a node that measures below them is sent back), i.e. what a
+healthy node gets.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ class Layout:
     recompute_method: Optional[str] = None  # full: uniform | block
     recompute_num_layers: Optional[int] = None  # full: group size (uniform) or checkpointed layers per chunk (block)
     recompute_modules: tuple = ()  # selective: layernorm, swiglu, mlp
+    overlap_grad_reduce: bool = False  # the dp gradient reduction runs beside the last backward
 
     @property
     def act_bytes(self) -> int:
@@ -88,7 +89,8 @@ def make_layout(cfg: Config, world_size: int, device: Device, recompute: Optiona
         world_size=world_size, tp=tp, pp=pp, vpp=p.virtual_pipeline_model_parallel_size or 1,
         dp=cfg.data_parallel_size(world_size), micro_batch_size=t.micro_batch_size,
         num_micro_batches=cfg.num_micro_batches(world_size), seq_length=t.seq_length,
-        schedule=p.resolved_pipeline_schedule, recompute=recompute, sequence_parallel=bool(sequence_parallel) and tp > 1,
+        schedule=p.resolved_pipeline_schedule, recompute=recompute,
+        sequence_parallel=bool(sequence_parallel) and tp > 1,
         distributed_optimizer=p.use_distributed_optimizer, precision=resolve_precision(cfg, device, precision),
         flash_attention=flash_attention, fused_norm=True,  # megallm.model.norm on CPU, apex/TE on CUDA
         recompute_method=method, recompute_num_layers=num_layers, recompute_modules=modules,

@@ -72,7 +72,6 @@ class StateBytes:
 
     weights: int
     gradients: int
-    grad_buckets: int
     master_weights: int
     optimizer: int
 
@@ -82,8 +81,8 @@ class StateBytes:
 
 
 STATE_BYTES = {
-    "bf16": StateBytes(weights=2, gradients=4, grad_buckets=0, master_weights=4, optimizer=8),
-    "fp32": StateBytes(weights=4, gradients=4, grad_buckets=0, master_weights=0, optimizer=8),
+    "bf16": StateBytes(weights=2, gradients=4, master_weights=4, optimizer=8),
+    "fp32": StateBytes(weights=4, gradients=4, master_weights=0, optimizer=8),
 }
 
 
@@ -95,7 +94,6 @@ def model_state_bytes(parameters: int, layout: Layout) -> dict[str, int]:
     parts = {
         "weights": parameters * b.weights,
         "gradients": parameters * b.gradients,
-        "grad_buckets": parameters * b.grad_buckets if layout.dp > 1 else 0,
         "master_weights": parameters * b.master_weights // d,
         "optimizer": parameters * b.optimizer // d,
     }

@@ -12,7 +12,7 @@ from typing import Optional
 
 from megallm.config import Config, parameter_count
 from megallm.planner import memory, throughput
-from megallm.planner.devices import GiB, Device, get_device
+from megallm.planner.devices import Device, GiB, get_device
 from megallm.planner.layout import Layout, PlanError, make_layout
 from megallm.planner.throughput import Assumptions
 
@@ -21,8 +21,8 @@ TIME_MODEL = (
     "compute: executed FLOPs (6N + 12Lhs per token, plus recompute) at compute_efficiency x peak",
     "pipeline: the slowest stage sets the pace; bubble (p-1)/(v*m) of the ideal time",
     "TP all-reduces are on the critical path (less tp_overlap); PP sends are not overlapped",
-    "DP gradient all-reduce hides behind the last micro-batch's backward; ZeRO-1's weight "
-    "all-gather hides behind nothing",
+    "DP gradient reduction follows the whole backward (with --overlap-grad-reduce it runs beside the "
+    "last micro-batch's backward); ZeRO-1's weight all-gather hides behind nothing",
     "bandwidths: all-reduce bus bandwidth inside a node, per-NIC bandwidth across nodes",
 )
 
@@ -121,7 +121,8 @@ def plan_layout(cfg: Config, layout: Layout, device: Device, gpus_per_node: int,
         total_bytes=peak.total_bytes, margin_bytes=margin, fits=fits, verdict=verdict,
         bubble_fraction=throughput.bubble_fraction(layout), flops_per_iteration=flops,
         hardware_flops_per_iteration=hw_flops, comm_bytes_per_gpu=comm, time_breakdown_s=times,
-        iteration_time_s=seconds, tokens_per_s=tokens / seconds, tokens_per_s_per_gpu=tokens / seconds / layout.world_size,
+        iteration_time_s=seconds, tokens_per_s=tokens / seconds,
+        tokens_per_s_per_gpu=tokens / seconds / layout.world_size,
         mfu=flops / (layout.world_size * device.peak_flops(layout.precision) * seconds),
         assumptions={**assumptions.to_dict(), "time_model": list(TIME_MODEL),
                      "peak_flops": device.peak_flops(layout.precision),
@@ -167,7 +168,7 @@ def memory_need_bytes(cfg: Config, world_size: int, device: Optional[str] = None
 
 def fit_warning(cfg: Config, world_size: int, device_memory_bytes: int, device: Optional[str] = None) -> Optional[str]:
     """A one-line warning when the run as configured will not fit (or fits with under 5% spare),
-    else None. The launcher prints it before starting."""
+    else None. The launcher does not use it: its check_memory prints the full plan and flags_that_fit."""
     p = plan(cfg, world_size, device or _cuda_device(), **_as_run(cfg))
     margin = device_memory_bytes - p.total_bytes
     if margin >= p.assumptions["tight_margin"] * device_memory_bytes:
@@ -179,13 +180,14 @@ def fit_warning(cfg: Config, world_size: int, device_memory_bytes: int, device: 
     if margin < 0:
         return (f"layout will not fit: {need}, the device has {device_memory_bytes / GiB:.1f} GiB; "
                 f"see `python tools/plan.py --search` (recompute, ZeRO-1, more tp/pp, smaller micro batch)")
-    return f"layout fits with under {p.assumptions['tight_margin']:.0%} to spare: {need} of {device_memory_bytes / GiB:.1f} GiB"
+    return (f"layout fits with under {p.assumptions['tight_margin']:.0%} to spare: "
+            f"{need} of {device_memory_bytes / GiB:.1f} GiB")
 
 
 def predicted_rank_memory(cfg: Config, world_size: int, rank: int) -> dict:
     """What one rank of a CPU run (fp32, or bf16 with --bf16 / params_dtype bf16; megallm's
-    data-parallel engine; no recompute) holds, for comparison with its measured memory. Rank order
-    is Megatron's: rank = tp_rank + tp*(dp_rank + dp*pp_rank)."""
+    data-parallel engine; the config's sequence parallelism and recompute) holds, for comparison
+    with its measured memory. Rank order is Megatron's: rank = tp_rank + tp*(dp_rank + dp*pp_rank)."""
     bf16 = cfg.training.bf16 or cfg.training.params_dtype == "bf16"
     p = plan(cfg, world_size, "cpu", precision="bf16" if bf16 else "fp32", **_as_run(cfg))
     layout = p.layout

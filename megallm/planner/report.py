@@ -30,7 +30,7 @@ def render_plan(p: Plan) -> str:
     peak = p.stages[p.peak_stage]
     ms, acts = peak.model_state, peak.activations
     lines += ["", f"memory per device, pipeline rank {p.peak_stage} (the largest):"]
-    for name in ("weights", "gradients", "grad_buckets", "master_weights", "optimizer"):
+    for name in ("weights", "gradients", "master_weights", "optimizer"):
         if ms[name]:
             lines.append(f"  {name:<22}{_gib(ms[name])}")
     for name in ("layers", "recompute", "pipeline", "inputs", "head"):
@@ -72,7 +72,8 @@ def render_search(plans: list[Plan], top: int) -> str:
         L = p.layout
         lines.append(f"{i:2d} {L.tp:3d} {L.pp:3d} {L.vpp:3d} {L.dp:3d} {L.micro_batch_size:4d} {L.recompute:<10} "
                      f"{'on' if L.distributed_optimizer else 'off':>4} {p.total_bytes / GiB:11.1f} "
-                     f"{p.margin_bytes / GiB:+7.1f}  {p.verdict:<7} {p.tokens_per_s_per_gpu:13,.0f} {p.mfu:6.1%} {p.bubble_fraction:7.3f}")
+                     f"{p.margin_bytes / GiB:+7.1f}  {p.verdict:<7} {p.tokens_per_s_per_gpu:13,.0f} "
+                     f"{p.mfu:6.1%} {p.bubble_fraction:7.3f}")
     if len(plans) > top:
         lines.append(f"   ... {len(plans) - top} more that fit (--top N shows more)")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from megallm.config import Config, validate
 from megallm.planner.devices import get_device

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megallm.config import Config, layer_parameter_count, parameter_count
-from megallm.planner.devices import GiB, Device
+from megallm.planner.devices import Device, GiB
 from megallm.planner.layout import Layout
 
 
@@ -124,15 +124,12 @@ def pipeline_bytes(cfg: Config, layout: Layout) -> float:
 
 
 def data_parallel_bytes(parameters_per_gpu: int, layout: Layout, assumptions: Assumptions) -> dict[str, float]:
-    """Gradients: one all-reduce per iteration of the fp32 gradients (Megatron's distributed
-    optimizer reduce-scatters them instead: half the volume). ZeRO-1 then all-gathers the updated
-    weights (bf16: 2 bytes; megallm's torch ZeRO broadcasts fp32 shards: 4)."""
+    """Gradients: one all-reduce per iteration of the fp32 main grads, or with the distributed
+    optimizer a reduce-scatter (half the volume), in both precisions as the engine does. The
+    distributed optimizer then all-gathers the updated weights (bf16: 2 bytes, fp32: 4)."""
     d = layout.dp
     grads = parameters_per_gpu * assumptions.grad_reduce_bytes
-    if layout.distributed_optimizer and layout.precision == "bf16":
-        reduce = ring_bytes_sent(grads, d, "reduce_scatter")
-    else:
-        reduce = ring_bytes_sent(grads, d)
+    reduce = ring_bytes_sent(grads, d, "reduce_scatter" if layout.distributed_optimizer else "all_reduce")
     gather = 0.0
     if layout.distributed_optimizer:
         weight_bytes = 2 if layout.precision == "bf16" else 4
@@ -156,7 +153,7 @@ def iteration_time(cfg: Config, layout: Layout, device: Device, gpus_per_node: i
 
     per micro-batch  t_mb = max over stages of (compute + exposed TP) + exposed PP p2p
     pipeline         t_mb * (m + (p - 1)/v)  =  m * t_mb * (1 + bubble)
-    data parallel    gradient all-reduce beyond the last micro-batch's backward, + ZeRO all-gather
+    data parallel    gradient reduction (beyond the last backward with overlap), + ZeRO all-gather
     optimizer        the Adam step, bound by memory bandwidth
     """
     m, tokens = layout.num_micro_batches, layout.seq_length * layout.micro_batch_size
@@ -175,7 +172,10 @@ def iteration_time(cfg: Config, layout: Layout, device: Device, gpus_per_node: i
     bubble = micro_batch * (layout.pp - 1) / layout.vpp
     params = max(st.parameters_per_gpu for st in stages)
     dp = data_parallel_bytes(params, layout, assumptions)
-    dp_exposed = max(0.0, dp["gradients"] / dp_bw - 2 / 3 * compute_mb) + dp["weights"] / dp_bw
+    # Without --overlap-grad-reduce the reduction starts after the whole backward; with it, it
+    # runs beside the last micro-batch's backward (2/3 of its compute).
+    hidden = 2 / 3 * compute_mb if layout.overlap_grad_reduce else 0.0
+    dp_exposed = max(0.0, dp["gradients"] / dp_bw - hidden) + dp["weights"] / dp_bw
     shard = layout.dp if layout.distributed_optimizer else 1
     optimizer = params / shard * OPTIMIZER_STEP_BYTES[layout.precision] / device.memory_bandwidth
     parts = {

@@ -7,8 +7,7 @@ SPEC: {"config": ..., "out": DIR, "scenarios": [{"name": ..., "overrides": {...}
 Rank 0 writes DIR/<name>.json: {"ranks": [{"measured": {...}, "predicted": {...}}, ...]}.
 
 Measured, by tensor storage (so views and shared buffers count once):
-- parameters and model state after the step: weights, gradients (the fp32 main-grad buffer, or
-  .grad), DDP's gradient buckets where DDP is used (as its own logging reports their sizes), the
+- parameters and model state after the step: weights, gradients (the fp32 main-grad buffer), the
   optimizer's per-parameter state and fp32 master copies (distributed optimizer: this rank's share).
 - activations: the peak, over the pipeline schedule's whole forward/backward, of the bytes that
   autograd holds for backward (saved_tensors_hooks), parameters and buffers excluded. A saved
@@ -82,18 +81,6 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def optimizer_state(optimizer) -> list[torch.Tensor]:
-    if hasattr(optimizer, "state_tensors"):  # megallm's DistributedOptimizer: this rank's share
-        return optimizer.state_tensors()
-    local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's share in .optim
-    return [v for state in local.state.values() for v in state.values() if torch.is_tensor(v)]
-
-
-def ddp_bucket_bytes(model) -> int:
-    sizes = [m._get_ddp_logging_data().get("bucket_sizes", "") for m in model if hasattr(m, "_get_ddp_logging_data")]
-    return sum(int(s) for text in sizes for s in str(text).split(",") if s.strip())
-
-
 def measure(tr: Trainer) -> dict:
     params = tr.params
     exclude = {t.untyped_storage().data_ptr() for c in tr.chunks for t in [*c.parameters(), *c.buffers()]}
@@ -103,11 +90,11 @@ def measure(tr: Trainer) -> dict:
     assert meter.current == 0, f"{meter.current} saved bytes still held after backward"
     # main_grad: the fp32 flat grad buffer (p.grad is dropped by the accumulation hook)
     weights, grads = storage_bytes(params), storage_bytes(getattr(p, "main_grad", p.grad) for p in params)
-    masters = storage_bytes(tr.optimizer.master_tensors()) if hasattr(tr.optimizer, "master_tensors") else 0
-    buckets, optim = ddp_bucket_bytes(tr.model), storage_bytes(optimizer_state(tr.optimizer))
+    masters = storage_bytes(tr.optimizer.master_tensors())
+    optim = storage_bytes(tr.optimizer.state_tensors())  # this rank's share under the distributed optimizer
     return {"parameters": sum(p.numel() for p in params), "weights": weights, "gradients": grads,
-            "grad_buckets": buckets, "optimizer": optim, "master_weights": masters,
-            "model_state_bytes": weights + grads + buckets + optim + masters,
+            "optimizer": optim, "master_weights": masters,
+            "model_state_bytes": weights + grads + optim + masters,
             "activation_peak_bytes": meter.peak, "loss": record["loss"]}
 
 
