@@ -62,6 +62,7 @@ def prepare(work: Path) -> tuple[str, Path]:
 
 
 def in_loop(work: Path, prefix: str, tokenizer: Path, iters: int, warmup: int) -> dict:
+    sys.path.insert(0, str(ROOT))  # tests/ is not a package on the path of a bench script
     from tests.launch import torchrun  # as bench/pipeline_bench.py: a free port, the tree's PYTHONPATH
 
     out = work / "loop"
