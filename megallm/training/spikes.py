@@ -366,6 +366,10 @@ class RollbackPolicy:
     def wants_rollback(self, iteration: int) -> bool:
         return len(self.recent_spikes(iteration)) > self.max_skips
 
+    @property
+    def exhausted(self) -> bool:
+        return len(self.rollbacks) >= self.max_rollbacks
+
     def record_rollback(self, iteration: int, to_iteration: int, spikes: list[int]) -> None:
         self.rollbacks.append({"iteration": iteration, "to_iteration": to_iteration, "spike_iterations": spikes})
         self.forget(spikes)
