@@ -14,7 +14,7 @@ NPROC_PER_NODE ?= $(shell $(PYTHON) -c "import shutil,subprocess;print(subproces
 PREFLIGHT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint preflight bench clean
+.PHONY: venv demo test test-fast lint preflight bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ preflight: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# One GPU, under 10 minutes: versions and kernels, the SDPA backend of the 70B attention shapes,
+# a 70B layer's saved activations against the planner, and 2 layers of the 70B model trained beside
+# HuggingFace's. bench/run_all.py renders the JSON as RESULTS.md section 6. CPU: bench/gpu.py --smoke.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu.py --json-out bench/gpu_results.json
 
 clean:
 	rm -rf runs $(DATA_DIR) bench/out .pytest_cache

@@ -7,10 +7,12 @@
 
 Both sides do the same work per iteration: forward and backward of every micro-batch of the
 global batch (gradient accumulation), gradient clipping, one AdamW step with the same
-hyperparameters and decay groups; bf16 autocast with fp32 weights on CUDA, fp32 on CPU. The HF
-loss is computed exactly as megallm's (token-mean cross-entropy of fp32 logits against labels
-that are already shifted), so equal weights give equal losses: the check that both sides run
-the same model.
+hyperparameters and decay groups. Precision: megallm runs its parameters in the config's dtype
+(bf16 on CUDA or with training.bf16, natively, with fp32 main grads, masters and Adam moments);
+HF keeps fp32 weights under bf16 autocast on CUDA (its usual mixed precision) and runs fp32 on
+the CPU. The HF loss is computed exactly as megallm's (token-mean cross-entropy of fp32 logits
+against labels that are already shifted), so equal weights give equal losses in fp32: the check
+that both sides run the same model.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class HFTrainer:
         torch.manual_seed(cfg.training.seed)
         with torch.device(device):
             self.model = LlamaForCausalLM(hf_config(cfg))
-        self.model.float().train()  # fp32 weights, as megallm keeps them (bf16 comes from autocast)
+        self.model.float().train()  # fp32 weights (bf16 comes from autocast, on CUDA)
         if state_dict is not None:
             self.model.load_state_dict(state_dict)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

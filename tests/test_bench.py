@@ -105,19 +105,57 @@ def test_megallm_and_hf_run_the_same_model(single_rank, tmp_path):
 
 
 def test_gpu_script_runs_on_cpu(single_rank, tmp_path):
+    """`make gpu-check`'s script in --smoke mode: every part runs on the CPU at configs/tiny.yaml's
+    shape and reports real numbers (the GPU path is the same code at the 70B shapes)."""
     import gpu
+    import torch
 
+    if not torch.cuda.is_available():  # without --smoke there is nothing to run here, and it says so
+        assert gpu.main(["--json-out", str(tmp_path / "refused.json")]) == 2
+        assert not (tmp_path / "refused.json").exists()
     out = tmp_path / "gpu.json"
-    argv = ["--tiny", "--iters", "1", "--warmup", "0", "--variants", "megallm,hf", "--json-out", str(out)]
+    argv = ["--smoke", "--iters", "2", "--warmup", "1", "--variants", "megallm,hf", "--json-out", str(out)]
     assert gpu.main(argv) == 0
     report = json.loads(out.read_text())
-    assert report["tokens_per_iteration"] == 8 * 128  # --global-batch 8 micro-batches of seq 128
+    assert report["smoke"] and report["tokens_per_iteration"] == 8 * 128  # --global-batch 8 micro-batches of seq 128
+    assert report["config"]["training"]["bf16"] and report["config"]["model"]["num_layers"] == 2
+
+    # 1. versions and kernels
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["megatron_core"]
+    assert report["kernels"]["rms_norm"] == "megallm.model.norm.RMSNorm" and not report["kernels"]["fused_rms_norm"]
+
+    # 2. SDPA: tiny's 8 heads / 2 groups at tp 1 and 4 / 1 at tp 2, micro batch 1 and 2; the default
+    # dispatch is one of the backends that also run alone (the CPU has MATH and its FLASH_ATTENTION kernel).
+    shapes = [(r["tp"], r["heads"], r["groups"], r["micro_batch"]) for r in report["sdpa"]]
+    assert shapes == [(1, 8, 2, 1), (1, 8, 2, 2), (2, 4, 1, 1), (2, 4, 1, 2)]
+    for r in report["sdpa"]:
+        assert r["backends"]["MATH"]["ok"] and r["backends"]["MATH"]["ms"] > 0
+        assert r["backends"][r["default"]]["ok"], r
+        assert any("scaled_dot_product" in op for op in r["default_ops"])
+
+    # 3. saved activations of one layer against the planner. Measured on the CPU (torch 2.13, bf16
+    # and fp32 alike): equal to the byte in all four modes, so the tolerance is float rounding only.
+    acts = {r["mode"]: r for r in report["activations"]}
+    assert list(acts) == list(gpu.RECOMPUTE_MODES)
+    for r in acts.values():
+        assert r["saved_bytes"] > 0 and r["ratio"] == pytest.approx(1.0, abs=1e-9), r
+    per_token = [r["bytes_per_token"] for r in acts.values()]
+    assert per_token == sorted(per_token, reverse=True)  # each recompute mode keeps less than the one before
+    assert acts["full (uniform, 1 layer)"]["bytes_per_token"] == 128 * 2  # the layer input: h bf16 values
+    assert acts["none"]["sdpa"] == report["sdpa"][0]["default"]  # the real layer dispatches as the probe says
+
+    # 4. training: finite, falling losses on both sides; throughput; the planner beside it
     names = [v["name"] for v in report["variants"]]
     assert names == ["megallm", "hf"]
     for v in report["variants"]:
         assert v["tflops"] > 0 and v["mfu"] is None  # no peak on the CPU
         assert v["tokens_per_s"] == pytest.approx(report["tokens_per_iteration"] / v["median_s"])
-    assert "| megallm | unfused |" in gpu.render(report)
+        assert len(v["losses"]) == 3 and v["loss_finite"] and v["loss_falling"], v["losses"]
+    assert report["variants"][0]["dtype"] == "bfloat16"
+    assert report["side_by_side"]["megallm_over_hf"] > 0
+    assert report["plan"]["model_state_bytes"] > 0 and report["plan"]["activation_bytes"] > 0
+    text = gpu.render(report)
+    assert "| megallm | unfused |" in text and "| none | 4,840.0 | 4,840.0 | 1.0000 |" in text
 
 
 @pytest.mark.slow
