@@ -213,7 +213,12 @@ class LlamaChunk(nn.Module):
             if self.sequence_parallel:
                 from megallm.parallel import sequence_parallel as sp
 
-                x = sp.scatter_to_sequence_parallel_region(x, self.tp_group)
+                # The scatter returns a slice of the full [s, b, h] embedding output (megatron's
+                # _split_along_first_dim as well: a dim-0 slice is already contiguous, so its
+                # .contiguous() copies nothing), and the first norm saves that slice for backward:
+                # the whole embedding output would stay alive, s*b*h per micro-batch instead of
+                # s*b*h/tp. Megatron clones it here (clone_scatter_output_in_embedding, on by default).
+                x = sp.scatter_to_sequence_parallel_region(x, self.tp_group).clone()
         seq_length = x.shape[0] * (self.tp if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_length, x.device)
         x = recompute.run_layers(self.layers, x, cos, sin, *self.recompute)
