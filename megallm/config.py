@@ -92,6 +92,20 @@ class ParallelConfig:
     combination is refused."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over the data-parallel ranks (ZeRO-1)."""
+    ddp_bucket_size: Optional[int] = None
+    """Megatron's --ddp-bucket-size: elements per gradient bucket. Each model chunk's parameters are
+    cut, last layers first and never inside a parameter, into buckets of at least this many elements
+    (the last one may hold fewer), each reduced and sharded over data parallel on its own. Unset:
+    one bucket per chunk, or max(40M, 1M x dp) elements with overlap_grad_reduce (Megatron's)."""
+    overlap_grad_reduce: bool = False
+    """Megatron's --overlap-grad-reduce: start a bucket's all-reduce (reduce-scatter with the
+    distributed optimizer) during backward, as soon as every parameter in it has its last
+    micro-batch's gradient; the result is bitwise that of reducing after backward. Not with the
+    zero_bubble schedule, whose weight gradients bypass the accumulation hooks."""
+    overlap_param_gather: bool = False
+    """Megatron's --overlap-param-gather (with use_distributed_optimizer): the step starts the
+    weights' all-gathers without waiting; each model chunk waits for its own before its next
+    forward, and a checkpoint save or load before it reads or writes the weights."""
     distributed_backend: str = "auto"
     """auto: nccl on CUDA, gloo on CPU; or nccl, gloo."""
     distributed_timeout_minutes: int = 10
@@ -544,6 +558,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if vpp is None and p.pipeline_schedule in SCHEDULES_INTERLEAVED:
         errors.append(f"pipeline_schedule={p.pipeline_schedule}: interleaves several model chunks per pipeline "
                       f"rank; set --virtual-pipeline-model-parallel-size (2 or more), or use 1f1b or gpipe")
+    rule(p.ddp_bucket_size is None or p.ddp_bucket_size >= 1,
+         f"ddp_bucket_size={p.ddp_bucket_size}: must be at least 1 element (or unset)")
+    rule(not (p.overlap_grad_reduce and p.pipeline_schedule == "zero_bubble"),
+         "overlap_grad_reduce=true with pipeline_schedule=zero_bubble: that schedule writes weight gradients "
+         "outside the accumulation hooks, so no bucket is known complete during backward; use interleaved_1f1b "
+         "or drop --overlap-grad-reduce")
+    rule(not p.overlap_param_gather or p.use_distributed_optimizer,
+         "overlap_param_gather=true: needs use_distributed_optimizer (without it the weights are stepped on "
+         "every rank and there is no all-gather to overlap)")
     rule(p.distributed_backend in ("auto", "nccl", "gloo"),
          f"distributed_backend={p.distributed_backend!r}: must be one of auto, nccl, gloo")
     rule(m.untie_embeddings_and_output_weights,

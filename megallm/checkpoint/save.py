@@ -102,6 +102,7 @@ def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
 def snapshot(tr, copy: bool = True) -> Snapshot:
     ps, cfg, rank = _ps(), tr.cfg, dist.get_rank()
     tp_rank = ps.get_tensor_model_parallel_rank()
+    tr.optimizer.finish_param_sync()  # --overlap-param-gather: the weights the last step made
     shards, scalars = tr.optimizer.sharded_state()
     rects = {id(p): (parts, part_rects(p, parts, cfg, tp_rank))
              for chunk in tr.chunks for _, p, parts in wm.local_parameters(chunk)}

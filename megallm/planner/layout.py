@@ -94,4 +94,5 @@ def make_layout(cfg: Config, world_size: int, device: Device, recompute: Optiona
         distributed_optimizer=p.use_distributed_optimizer, precision=resolve_precision(cfg, device, precision),
         flash_attention=flash_attention, fused_norm=True,  # megallm.model.norm on CPU, apex/TE on CUDA
         recompute_method=method, recompute_num_layers=num_layers, recompute_modules=modules,
+        overlap_grad_reduce=p.overlap_grad_reduce,
     )

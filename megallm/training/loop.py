@@ -89,7 +89,7 @@ class Trainer:
         model = chunks
         runner = PipelineRunner(model, cfg, cfg.num_micro_batches(world_size), loss_fn, device)
         runner.warmup()
-        optimizer = build_optimizer(model, cfg)  # moves the parameters into its flat buffers
+        optimizer = build_optimizer(model, cfg, runner)  # moves the parameters into its flat buffers
         if datasets is None and not cfg.checkpoint.load:
             from megallm.data.dataset import build_datasets
 
@@ -299,6 +299,7 @@ class Trainer:
                           consumed_samples=self.consumed_samples)
         try:
             self._train_loop()
+            self.optimizer.finish_param_sync()  # whoever reads the weights next sees the last step's
         finally:
             checkpoint.wait_for_pending()  # a background write is committed (or reported) before we return
         self.logger.event("stop", self.iteration, consumed_samples=self.consumed_samples)

@@ -61,6 +61,9 @@ def run(spec_path: str) -> None:
         if watched is not None:
             result["watched_step"] = [None] * world
             dist.all_gather_object(result["watched_step"], watched)
+        # (buckets the last backward launched itself, buckets) per rank: --overlap-grad-reduce did overlap
+        result["buckets"] = [None] * world
+        dist.all_gather_object(result["buckets"], [tr.optimizer.launched_in_backward, len(tr.optimizer.buckets)])
         if rank == 0:
             result.update(records=records, iteration=tr.iteration, consumed_samples=tr.consumed_samples,
                           skipped_per_rank=every_rank)
