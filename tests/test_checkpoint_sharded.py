@@ -182,6 +182,9 @@ class ContractOptimizer:
         return [OptimizerShard(p, s, e, {k: v[s:e] for k, v in self.state[id(p)].items()})
                 for p in self.params for s, e in self.ranges(p)], dict(self.scalars)
 
+    def finish_param_sync(self):
+        pass  # no weight all-gather of its own in flight
+
     def reload_masters_from_params(self):
         for p in self.params:
             self.state[id(p)]["main_param"].copy_(p.detach().reshape(-1))

@@ -15,6 +15,9 @@ parameter, or none of it; without one, every data-parallel rank holds everything
     optimizer.reload_masters_from_params()
         the weights were written into the parameters directly (every load does this first, and a
         model-only checkpoint stops there): fp32 masters, where kept, are set from them.
+    optimizer.finish_param_sync()
+        waits for weight all-gathers still in flight (--overlap-param-gather); save and load call it
+        before they read or write the weights.
 
 Keys of `OptimizerShard.tensors`: "exp_avg", "exp_avg_sq" (Adam moments) and "main_param" (the
 fp32 master copy) when the model's parameters are kept in a lower precision.
