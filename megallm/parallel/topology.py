@@ -58,6 +58,12 @@ def initialize_model_parallel(tp: int, pp: int, vpp: int | None = None, timeout_
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        # megatron only forgets its groups; torch keeps them, each gloo group with its own threads,
+        # and a process that lays out one layout after another (the multi-scenario test workers)
+        # ended up with hundreds of gloo I/O threads competing for the cores. Destroy them here.
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not dist.group.WORLD:
+                dist.destroy_process_group(group)
     # gloo groups are only needed by Megatron's distributed optimizer, which we do not use;
     # on CPU the default backend already is gloo.
     parallel_state.initialize_model_parallel(
