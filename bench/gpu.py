@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -64,6 +63,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from megallm.config import Config, load_yaml  # noqa: E402
+from megallm.planner.saved_tensors import SavedTensorMeter  # noqa: E402  (the measured-memory test's meter)
+from megallm.preflight.facts import dist_version  # noqa: E402  (what preflight compares across nodes)
 
 SLICE = dict(hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64, num_query_groups=8,
              vocab_size=32000, max_position_embeddings=4096)
@@ -165,16 +166,6 @@ def free_memory(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # 1. versions and kernels
-
-
-def dist_version(*names: str) -> str | None:
-    """An installed distribution's version from its metadata (nothing is imported), else None."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def versions() -> dict:
@@ -334,48 +325,6 @@ def sdpa_probe(shapes: list[dict], device: torch.device, dtype: torch.dtype = to
 # 3. activation bytes of one decoder layer
 
 
-class SavedTensorMeter:
-    """Bytes of the distinct storages autograd holds for backward (tests/distributed/memory_worker.py's
-    meter, kept here so the bench needs nothing from tests/): live now, and the peak."""
-
-    def __init__(self, exclude: set[int]):
-        self.exclude, self.live, self.current, self.peak = exclude, {}, 0, 0
-
-    def _release(self, ptr: int) -> None:
-        entry = self.live[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[ptr]
-
-    def pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self.exclude:
-            return t
-        entry = self.live.setdefault(ptr, [storage.nbytes(), 0])
-        entry[1] += 1
-        if entry[1] == 1:
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        return _Held(t, self, ptr)
-
-    @staticmethod
-    def unpack(held):
-        return held.tensor if isinstance(held, _Held) else held
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Held:
-    __slots__ = ("tensor", "meter", "ptr")
-
-    def __init__(self, tensor, meter, ptr):
-        self.tensor, self.meter, self.ptr = tensor, meter, ptr
-
-    def __del__(self):
-        self.meter._release(self.ptr)
 
 
 def layer_saved_bytes(cfg: Config, device: torch.device, profile_sdpa: bool = False) -> dict:

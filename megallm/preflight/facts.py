@@ -27,7 +27,8 @@ PACKAGES = {
 FAKE_VERSION_ENV = "MEGALLM_PREFLIGHT_FAKE_VERSION"
 
 
-def _dist_version(names: tuple[str, ...]) -> Optional[str]:
+def dist_version(*names: str) -> Optional[str]:
+    """An installed distribution's version from its metadata (nothing is imported), else None."""
     for name in names:
         try:
             return importlib.metadata.version(name)
@@ -74,7 +75,7 @@ def versions(env: Optional[dict] = None) -> dict[str, Optional[str]]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nccl": _nccl_version(),
-        **{pkg: _dist_version(names) for pkg, names in PACKAGES.items()},
+        **{pkg: dist_version(*names) for pkg, names in PACKAGES.items()},
         "git_commit": git_commit(),
     }
     return found | parse_fake_versions(env.get(FAKE_VERSION_ENV, ""))
