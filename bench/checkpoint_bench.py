@@ -3,13 +3,12 @@ megallm/parallel/distributed_optimizer.py) on 8 CPU ranks: the v1 writer (gather
 rank; megallm/checkpoint/v1.py) against the sharded v2 writer (every rank writes its own pieces),
 blocking and --async-save, in one torchrun launch. Writes bench/results/checkpoint.md (--out).
 
-    python bench/checkpoint_bench.py                 # 0.17 B parameters
-    python bench/checkpoint_bench.py --hidden 2048 --layers 16 --ffn 5504 --heads 16   # 0.94 B
+    python bench/checkpoint_bench.py                 # 0.17 B parameters, a quick look
+    python bench/checkpoint_bench.py --hidden 1536 --layers 16 --ffn 4096 --heads 12   # 0.55 B: results/checkpoint.md
 
-The default size is what the v1 writer survived on a 23 GiB machine shared with other jobs when the
-engine was torch's ZeroRedundancyOptimizer: at 0.32 B (hidden 1280, 12 layers) a rank of the v1 save
-was killed for memory (consolidate_state_dict broadcast every rank's state as pickled objects, and
-the stage writer holds its stage's weights and moments whole). The v1 writer now assembles each
+0.55 B is the largest model the v1 writer survives on a 24 GiB machine (memory peaked at 23.6 GiB in
+the v1 save); at 0.74 B (--hidden 1792 --ffn 4864 --heads 14) the kernel killed a v1 stage writer
+at 5.9 GB resident, because it holds its stage's weights and moments whole. The v1 writer now assembles each
 parameter's moments from the distributed optimizer's flat ranges (sharded_state()) with one
 all-reduce per parameter over data parallel, so it holds one parameter's moments at a time besides
 what the stage writer keeps whole; v2's per-rank figures scale linearly with the model.
@@ -18,8 +17,8 @@ Per rank and phase: wall time of the collective call, bytes written / read by th
 (/proc/self/io wchar / rchar), and the peak resident memory during the phase (VmHWM, reset
 through /proc/self/clear_refs before each phase) next to the resident memory before it. The model
 state is built directly (weights initialised, Adam moments filled for the fp32 master pieces this
-rank steps, i.e. the distributed optimizer's own partition) without a training step, so gradients
-do not crowd the machine.
+rank steps, i.e. the distributed optimizer's own partition) without a training step, one rank after
+the other, and the fp32 gradient buffers are released, so gradients do not crowd the machine.
 The loop stall is the time `checkpoint.save` blocks its caller; for --async-save the time until
 the checkpoint is committed is reported beside it.
 """
@@ -115,13 +114,21 @@ def worker(out: Path, args) -> None:
         "tp": 2, "pp": 2, "use_distributed_optimizer": True, "tensorboard": False,
         "save": str(out / "v2"), "log_dir": str(out / "log")})
     initialize_model_parallel(2, 2)
-    torch.manual_seed(0)
-    chunks = build_model_chunks(cfg, torch.device("cpu"))
     from megatron.core import parallel_state as ps
 
-    for chunk in chunks:
-        wm.init_weights(chunk, cfg, ps.get_tensor_model_parallel_rank())
-    optimizer = build_optimizer(chunks, cfg)
+    # One rank at a time: a rank's build peaks at ~3x its weights (the weights, the flat buffer they
+    # move into, the fp32 grad buffer), which 8 ranks at once would not fit beside each other.
+    for turn in range(dist.get_world_size()):
+        if turn == rank:
+            torch.manual_seed(0)
+            chunks = build_model_chunks(cfg, torch.device("cpu"))
+            for chunk in chunks:
+                wm.init_weights(chunk, cfg, ps.get_tensor_model_parallel_rank())
+            optimizer = build_optimizer(chunks, cfg)
+            for bucket in optimizer.buckets:  # a checkpoint holds no gradients: give their memory back
+                bucket.grads.untyped_storage().resize_(0)
+            gc.collect()
+        dist.barrier()
     g = torch.Generator().manual_seed(rank)
     for master in (m for group in optimizer.optimizer.param_groups for m in group["params"]):
         optimizer.optimizer.state[master] = {
