@@ -35,6 +35,10 @@ LAYOUTS = {
     "tp1_pp2_dp4": {"tp": 1, "pp": 2},
     "tp1_pp1_dp8": {"tp": 1, "pp": 1},
     "tp2_pp2_dp2_vpp2": {"tp": 2, "pp": 2, "vpp": 2},
+    # the other two schedules: all forwards then all backwards; and torch's zero bubble, whose
+    # backward splits into input gradients and, later, weight gradients that bypass the hooks
+    "tp1_pp2_dp4_gpipe": {"tp": 1, "pp": 2, "pipeline_schedule": "gpipe"},
+    "tp2_pp2_dp2_vpp2_zero_bubble": {"tp": 2, "pp": 2, "vpp": 2, "pipeline_schedule": "zero_bubble"},
     "tp2_pp2_dp2_zero1": {"tp": 2, "pp": 2, "use_distributed_optimizer": True},
     "tp1_pp1_dp8_zero1": {"tp": 1, "pp": 1, "use_distributed_optimizer": True},
     "tp2_pp2_dp2_vpp2_zero1": {"tp": 2, "pp": 2, "vpp": 2, "use_distributed_optimizer": True},
@@ -62,6 +66,9 @@ COMMON = {"train_iters": 5, "lr_warmup_iters": 0, "eval_interval": 0, "save_inte
 
 # a layout that changes the model's shape is compared with a single process of the same shape
 REFERENCES = {"reference": {"tp": 1, "pp": 1}, "reference_g4": {"tp": 1, "pp": 1, "num_query_groups": 4}}
+# Evaluation every 2 iterations (one validation batch): training must not notice it
+EVAL = {"eval_interval": 2, "eval_iters": 1}
+EVALUATED = {"tp2_pp2_dp2_vpp2_eval": LAYOUTS["tp2_pp2_dp2_vpp2"] | EVAL}
 
 
 def reference_for(layout: dict) -> str:
@@ -100,8 +107,9 @@ def long_run(name, tmp, layout, **extra):
 def all_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("equivalence")
     ref = run_scenarios(1, tmp, [scenario(n, tmp, layout) for n, layout in REFERENCES.items()] + [
+        scenario("reference_eval", tmp, {"tp": 1, "pp": 1} | EVAL),
         long_run("fp32_long", tmp, {}), long_run("fp32_long_perturbed", tmp, {}, perturb_weights=1e-6)], timeout=900)
-    par = run_scenarios(8, tmp, [scenario(n, tmp, layout) for n, layout in LAYOUTS.items()] + [
+    par = run_scenarios(8, tmp, [scenario(n, tmp, layout) for n, layout in (LAYOUTS | EVALUATED).items()] + [
         long_run("bf16_tp2_pp2_dp2_zero1", tmp, {"tp": 2, "pp": 2, "bf16": True, "use_distributed_optimizer": True},
                  watch_step=WATCH_STEP)], timeout=1500)
     return tmp, ref, par
@@ -139,6 +147,31 @@ def test_layout_matches_single_process(runs, name):
     moved = max((ref_w[k] - weights_at_init(ref_w, k, REFERENCES[ref_name])).abs().max().item()
                 for k in list(ref_w)[:3])
     assert moved > 1e-4
+
+
+def test_evaluation_changes_no_bit(runs):
+    """Evaluating between iterations under the interleaved schedule leaves training bit for bit as it
+    was, and the validation loss equals the single process's (1e-5 relative). torch's schedule
+    re-infers its stages' shapes on the first step after an eval() and calls loss_fn on that
+    inference forward: per-document losses must see only the micro-batches' (an iteration whose
+    loss rows and samples disagree is logged "unscored")."""
+    tmp, refs, par = runs
+    run, plain, ref = par["tp2_pp2_dp2_vpp2_eval"], par["tp2_pp2_dp2_vpp2"], refs["reference_eval"]
+    assert "error" not in run, run.get("error")
+
+    def exact(r):
+        return [repr((x["loss"], x["grad_norm"], x["skipped"])) for x in r["records"]]
+
+    assert exact(run) == exact(plain)
+    a, b = weights(tmp, "tp2_pp2_dp2_vpp2_eval"), weights(tmp, "tp2_pp2_dp2_vpp2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    val = [(x["iteration"], x["val_loss"]) for x in run["records"] if "val_loss" in x]
+    ref_val = [(x["iteration"], x["val_loss"]) for x in ref["records"] if "val_loss" in x]
+    assert [i for i, _ in val] == [i for i, _ in ref_val] == [2, 4]
+    for (i, v), (_, r) in zip(val, ref_val):
+        assert math.isclose(v, r, rel_tol=1e-5), f"iteration {i}: validation loss {v} vs single-process {r}"
+    logs = list((tmp / "tp2_pp2_dp2_vpp2_eval").glob("segment_losses-dp*.jsonl"))
+    assert not any("unscored" in f.read_text() for f in logs), [f.read_text() for f in logs]
 
 
 def weights_at_init(ref_w, key, overrides):

@@ -74,6 +74,69 @@ def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[Lla
         return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)
 
 
+def _transient_recv_stage_class():
+    """torch's PipelineStage, but each receive buffer lives from its receive being posted to the
+    forward or backward that consumes it, as Megatron allocates one per transfer.
+
+    torch.distributed.pipelining (2.13) allocates, at a stage's first step, one buffer per
+    micro-batch for the stage's input and one for its output's gradient, and keeps all of them for
+    the run. For the 70B recipe (512 micro-batches of [s/t, b, h] = 16 MiB) that is 16 GiB on
+    every middle pipeline rank (128 GiB without sequence parallelism). Here the per-micro-batch
+    receive records keep their shapes and lose their buffers: one is made when the receive is
+    posted and forgotten once the schedule has taken it; autograd and the schedule's own caches
+    hold a received tensor for exactly as long as it is used (a buffer is never reused, so no
+    receive can overwrite a tensor still in use)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining._utils import _make_tensor_from_meta
+    from torch.distributed.pipelining.stage import _RecvInfo
+
+    def unallocated(info: _RecvInfo) -> _RecvInfo:
+        if info.is_root_arg or info.buffer is None:
+            return info
+        return _RecvInfo(info.input_name, info.source, None, info.tensor_meta)
+
+    def allocate(infos, device) -> None:
+        for info in infos:
+            if not info.is_root_arg and info.buffer is None and info.tensor_meta is not None:
+                info.buffer = _make_tensor_from_meta(info.tensor_meta, device)
+
+    def forget(infos) -> None:
+        for info in infos:
+            if not info.is_root_arg and info.tensor_meta is not None:
+                info.buffer = None
+
+    class TransientRecvStage(PipelineStage):
+        def _setup_forward_recv_info(self, num_microbatches: int, has_backward: bool) -> None:
+            super()._setup_forward_recv_info(1, has_backward)  # one micro-batch's records as the pattern
+            pattern = self.args_recv_info[0]
+            for mb in range(num_microbatches):
+                self.args_recv_info[mb] = tuple(unallocated(info) for info in pattern)
+
+        def _create_grad_recv_info(self, act_send_info: dict):
+            return tuple(unallocated(info) for info in super()._create_grad_recv_info(act_send_info))
+
+        def get_fwd_recv_ops(self, fwd_chunk_id: int):
+            allocate(self.args_recv_info[fwd_chunk_id], self.device)
+            return super().get_fwd_recv_ops(fwd_chunk_id)
+
+        def get_bwd_recv_ops(self, bwd_chunk_id: int):
+            if self.has_backward and not self.is_last:
+                allocate(self.grad_recv_info[bwd_chunk_id], self.device)
+            return super().get_bwd_recv_ops(bwd_chunk_id)
+
+        def _retrieve_recv_activations(self, fwd_chunk_id: int):
+            activations = super()._retrieve_recv_activations(fwd_chunk_id)
+            forget(self.args_recv_info[fwd_chunk_id])
+            return activations
+
+        def _retrieve_recv_grads(self, bwd_chunk_id: int):
+            grads = super()._retrieve_recv_grads(bwd_chunk_id)
+            forget(self.grad_recv_info[bwd_chunk_id])
+            return grads
+
+    return TransientRecvStage
+
+
 class PipelineRunner:
     """Forward and backward of one global batch's micro-batches on this rank.
 
@@ -89,7 +152,7 @@ class PipelineRunner:
 
         self.chunks, self.n_microbatches, self.loss_fn = chunks, n_microbatches, loss_fn
         self.pp = cfg.parallel.pipeline_model_parallel_size
-        self.schedule = None
+        self.schedule, self.stages = None, []
         if self.pp == 1:
             return
         from torch.distributed import pipelining
@@ -99,8 +162,9 @@ class PipelineRunner:
         num_stages = self.pp * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
         # No static input/output shapes: they are broken in torch 2.13 (stage 0 can get zero
         # gradients); shapes are inferred from the first micro-batch instead.
-        stages = [pipelining.PipelineStage(chunk, stage, num_stages, device, group=group)
-                  for chunk, (stage, _, _) in zip(chunks, stage_layout(cfg, pp_rank))]
+        stage_class = _transient_recv_stage_class()
+        self.stages = stages = [stage_class(chunk, stage, num_stages, device, group=group)
+                                for chunk, (stage, _, _) in zip(chunks, stage_layout(cfg, pp_rank))]
         schedule = cfg.parallel.pipeline_schedule
         if cfg.parallel.virtual_pipeline_model_parallel_size:
             cls = (pipelining.ScheduleInterleavedZeroBubble if schedule == "zero_bubble"

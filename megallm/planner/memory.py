@@ -220,7 +220,10 @@ def stage_activation_bytes(cfg: Config, layout: Layout, pipeline_rank: int) -> d
     recompute     full recompute: the largest unit re-run in backward, with its full set, for one
                   micro-batch (held inside torch.utils.checkpoint, where saved-tensor hooks do not see it)
     pipeline      torch.distributed.pipelining keeps each chunk's output for its backward (Megatron
-                  frees it): h per token, for every chunk in flight but the model's last
+                  frees it): h per token, for every chunk in flight but the model's last. A received
+                  input is the first layer's saved input (in `layers`); megallm's stages drop each
+                  receive buffer once used (megallm.parallel.pipeline), where torch would keep one
+                  per micro-batch, input and gradient, for the whole run
     inputs        token ids and labels (int64), RoPE's cos/sin tables (fp32, s x d, two per chunk)
     head          last rank, one micro-batch: final RMSNorm, and the logits: the fp32 copy the
                   vocab-parallel cross-entropy works on in place (V/t x 4 bytes per token), plus

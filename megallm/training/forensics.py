@@ -191,9 +191,8 @@ class DocumentForensics:
             return []
         losses = torch.cat(token_losses).float().cpu().numpy()
         if losses.shape[0] != len(samples):
-            # Seen once: the first step after an evaluation under an interleaved schedule (pp 2,
-            # vpp 2) reaches loss_fn once more than it has micro-batches (not yet traced). A
-            # diagnostic must not stop the run: this iteration goes unscored, and the log says so.
+            # A diagnostic must not stop the run: this iteration goes unscored, and the log says so.
+            # (Seen once, before the loop kept only the micro-batches' losses: see Trainer.train_step.)
             self._write("segment_losses", [{"iteration": iteration, "unscored": True,
                                             "reason": f"{losses.shape[0]} loss rows for {len(samples)} samples"}])
             return []

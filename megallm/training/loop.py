@@ -210,8 +210,11 @@ class Trainer:
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
         forensics_start = time.perf_counter()
         if self.doc_losses is not None:
+            # The last n are the micro-batches': on its first step after an evaluation, torch's
+            # schedule re-infers its stages' shapes (eval() switched them to forward-only), and the
+            # last stage calls loss_fn once on that inference forward before any micro-batch.
             self.doc_losses.observe(self.iteration + 1, self.train_ds, self.local_samples(self.consumed_samples),
-                                    token_losses)
+                                    token_losses[-self.runner.n_microbatches:])
         forensics_ms = (time.perf_counter() - forensics_start) * 1000.0
 
         if not skip:  # a skipped iteration leaves weights, masters and moments untouched

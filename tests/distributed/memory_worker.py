@@ -16,6 +16,7 @@ Measured, by tensor storage (so views and shared buffers count once):
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,7 +54,20 @@ def measure(tr: Trainer) -> dict:
     return {"parameters": sum(p.numel() for p in params), "weights": weights, "gradients": grads,
             "optimizer": optim, "master_weights": masters,
             "model_state_bytes": weights + grads + optim + masters,
-            "activation_peak_bytes": meter.peak, "loss": record["loss"]}
+            "activation_peak_bytes": meter.peak, **receive_buffers(tr), "loss": record["loss"]}
+
+
+def receive_buffers(tr: Trainer) -> dict:
+    """What the pipeline stages' per-micro-batch receive records (input, output gradient) hold
+    after the step, and what they describe: torch alone would keep a buffer for every one."""
+    infos = [info for stage in tr.runner.stages
+             for per_micro_batch in (stage.args_recv_info, stage.grad_recv_info)
+             for received in per_micro_batch.values() for info in received
+             if not info.is_root_arg and info.tensor_meta is not None]
+    expected = tr.runner.n_microbatches * sum((not st.is_first) + (not st.is_last) for st in tr.runner.stages)
+    described = sum(math.prod(i.tensor_meta.shape) * i.tensor_meta.dtype.itemsize for i in infos)
+    return {"receive_buffer_bytes": storage_bytes(info.buffer for info in infos), "receive_records": len(infos),
+            "expected_receive_records": expected, "receive_bytes_described": described}
 
 
 def run(spec_path: str) -> None:
