@@ -74,18 +74,22 @@ def build_stage_on_meta(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list[Lla
         return build_model_chunks(cfg, torch.device("meta"), pp_rank=pp_rank, tp_group=group)
 
 
-def _transient_recv_stage_class():
-    """torch's PipelineStage, but each receive buffer lives from its receive being posted to the
-    forward or backward that consumes it, as Megatron allocates one per transfer.
+def _stage_class():
+    """torch's PipelineStage with two changes, both what Megatron does.
 
-    torch.distributed.pipelining (2.13) allocates, at a stage's first step, one buffer per
+    Receive buffers live from their receive being posted to the forward or backward that consumes
+    them. torch.distributed.pipelining (2.13) allocates, at a stage's first step, one buffer per
     micro-batch for the stage's input and one for its output's gradient, and keeps all of them for
-    the run. For the 70B recipe (512 micro-batches of [s/t, b, h] = 16 MiB) that is 16 GiB on
-    every middle pipeline rank (128 GiB without sequence parallelism). Here the per-micro-batch
-    receive records keep their shapes and lose their buffers: one is made when the receive is
-    posted and forgotten once the schedule has taken it; autograd and the schedule's own caches
-    hold a received tensor for exactly as long as it is used (a buffer is never reused, so no
-    receive can overwrite a tensor still in use)."""
+    the run: for the 70B recipe (512 micro-batches of [s/t, b, h] = 16 MiB) 16 GiB on every middle
+    pipeline rank (128 GiB without sequence parallelism). Here the per-micro-batch receive records
+    keep their shapes and lose their buffers: one is made when the receive is posted and forgotten
+    once the schedule has taken it; autograd and the schedule's caches hold a received tensor for
+    exactly as long as it is used (a buffer is never reused, so no receive can overwrite a tensor
+    still in use).
+
+    Weight gradients of the zero-bubble schedule's deferred weight pass land in the fp32 main
+    grads micro-batch by micro-batch. torch writes them to p.grad itself (`+=`, bypassing the
+    accumulation hooks), which under --bf16 would sum the micro-batches in bf16."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining._utils import _make_tensor_from_meta
     from torch.distributed.pipelining.stage import _RecvInfo
@@ -105,7 +109,7 @@ def _transient_recv_stage_class():
             if not info.is_root_arg and info.tensor_meta is not None:
                 info.buffer = None
 
-    class TransientRecvStage(PipelineStage):
+    class Stage(PipelineStage):
         def _setup_forward_recv_info(self, num_microbatches: int, has_backward: bool) -> None:
             super()._setup_forward_recv_info(1, has_backward)  # one micro-batch's records as the pattern
             pattern = self.args_recv_info[0]
@@ -134,7 +138,14 @@ def _transient_recv_stage_class():
             forget(self.grad_recv_info[bwd_chunk_id])
             return grads
 
-    return TransientRecvStage
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False):
+            super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
+            for p in self.submod.parameters():
+                if p.grad is not None and hasattr(p, "main_grad"):  # main_grad: once the optimizer exists
+                    p.main_grad.add_(p.grad)
+                    p.grad = None
+
+    return Stage
 
 
 class PipelineRunner:
@@ -162,7 +173,7 @@ class PipelineRunner:
         num_stages = self.pp * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
         # No static input/output shapes: they are broken in torch 2.13 (stage 0 can get zero
         # gradients); shapes are inferred from the first micro-batch instead.
-        stage_class = _transient_recv_stage_class()
+        stage_class = _stage_class()
         self.stages = stages = [stage_class(chunk, stage, num_stages, device, group=group)
                                 for chunk, (stage, _, _) in zip(chunks, stage_layout(cfg, pp_rank))]
         schedule = cfg.parallel.pipeline_schedule
