@@ -220,14 +220,15 @@ def stage_activation_bytes(cfg: Config, layout: Layout, pipeline_rank: int) -> d
     recompute     full recompute: the largest unit re-run in backward, with its full set, for one
                   micro-batch (held inside torch.utils.checkpoint, where saved-tensor hooks do not see it)
     pipeline      torch.distributed.pipelining keeps each chunk's output for its backward (Megatron
-                  frees it): h per token, for every chunk in flight but the model's last. A received
+                  frees it): h per token, for every chunk in flight but the model's last, whose
+                  output, the logits, is the fp32 copy the head counts, or in bf16 one more (V/t x 2
+                  bytes per token, one micro-batch; not a saved tensor either). A received
                   input is the first layer's saved input (in `layers`); megallm's stages drop each
                   receive buffer once used (megallm.parallel.pipeline), where torch would keep one
                   per micro-batch, input and gradient, for the whole run
     inputs        token ids and labels (int64), RoPE's cos/sin tables (fp32, s x d, two per chunk)
     head          last rank, one micro-batch: final RMSNorm, and the logits: the fp32 copy the
-                  vocab-parallel cross-entropy works on in place (V/t x 4 bytes per token), plus
-                  the bf16 logits the schedule keeps with pp > 1
+                  vocab-parallel cross-entropy works on in place (V/t x 4 bytes per token)
     """
     m, s, b, t = cfg.model, layout.seq_length, layout.micro_batch_size, layout.tp
     h, tokens, act = m.hidden_size, s * b, layout.act_bytes
@@ -245,11 +246,13 @@ def stage_activation_bytes(cfg: Config, layout: Layout, pipeline_rank: int) -> d
         parts = {"layers": in_flight * per_chunk * layer_activation_bytes(cfg, layout), "recompute": 0.0}
     kept_outputs = 0 if layout.pp == 1 else in_flight - (1 if last else 0)
     parts["pipeline"] = kept_outputs * tokens * h / split * act
+    if last and layout.pp > 1 and act != 4:  # the model's last chunk's output: bf16 logits beside their fp32 copy
+        parts["pipeline"] += tokens * cfg.padded_vocab_size / t * act
     ids = 8 * tokens * ((pipeline_rank == 0) + last)
     parts["inputs"] = ids + in_flight * 2 * s * m.kv_channels * 4
     if last:
         norm = (2 if layout.fused_norm else 3) * h / split * act + 4 / split
-        logits = cfg.padded_vocab_size / t * (4 + (act if act != 4 and layout.pp > 1 else 0))
+        logits = cfg.padded_vocab_size / t * 4
         parts["head"] = tokens * (norm + logits)
     else:
         parts["head"] = 0.0
