@@ -13,10 +13,11 @@ Tolerances, and why:
   need no padding and the distributed optimizer's shares are exactly even.
 - activations (fp32 and bf16 layouts): within 0.5%. The planner's count covers the saved tensors
   (layers, ids and RoPE tables, head) plus the chunk outputs torch pipelining keeps (in bf16 the
-  last chunk's bf16 logits too), which are not saved tensors and are taken out before comparing. Measured leftovers: 128 B per micro-batch on the last
-  stage (the cross-entropy's boolean target mask) and under 2 KiB per micro-batch on pipeline rank
-  0; the worst case is 0.13%. The peak itself shows the schedule's micro-batches in flight: 1F1B
-  at pp 4 holds 4, 3, 2 and 1 of them on pipeline ranks 0 to 3.
+  last chunk's bf16 logits too), which are not saved tensors and are taken out before comparing.
+  Measured leftovers: 128 B per micro-batch on the last stage (the cross-entropy's boolean target
+  mask) and under 2 KiB per micro-batch on pipeline rank 0; the worst case is 0.13%. The peak
+  itself shows the schedule's micro-batches in flight: 1F1B at pp 4 holds 4, 3, 2 and 1 of them on
+  pipeline ranks 0 to 3.
 """
 
 from pathlib import Path
