@@ -235,7 +235,8 @@ class SpikeConfig:
     """The loss-spike detector and what it does (megallm/training/spikes.py)."""
 
     spike_action: str = "skip"  # skip | rollback | warn | stop
-    """skip the step, rollback to the last checkpoint, warn only, or stop the run."""
+    """skip the step, rollback to the last checkpoint, warn only, or stop the run. A NaN/Inf loss or
+    gradient is skipped under warn too (its update would make every weight NaN)."""
     spike_window: int = 128
     """Recent accepted iterations the loss and grad-norm statistics are taken over."""
     spike_min_history: int = 32

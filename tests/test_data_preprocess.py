@@ -136,7 +136,9 @@ def test_cli_usage_errors_exit_2(tokenizer_model, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_leaves_no_partial_pair(corpus, tokenizer_model, tmp_path):
     big = tmp_path / "big.jsonl"
-    big.write_text(corpus.read_text() * 12)
+    # ~60 MB: the run must still be far from done when the test, perhaps starved of CPU on a busy
+    # machine, sees its first 200 kB (with 12 MB a make test under load once saw it finish first)
+    big.write_text(corpus.read_text() * 60)
     cmd = [sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", str(big), "--tokenizer-model",
            str(tokenizer_model), "--output-prefix", str(tmp_path / "out"), "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,6 +150,6 @@ def test_ctrl_c_leaves_no_partial_pair(corpus, tokenizer_model, tmp_path):
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be interrupted; make the input larger"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert _outputs(tmp_path) == []

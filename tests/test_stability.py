@@ -4,6 +4,7 @@ Synthetic data; the planted-junk-documents test lives in test_planted_spikes.py.
 """
 
 import json
+import math
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,8 @@ def runs(tmp_path_factory):
          "overrides": LAYOUT | {"tp": 1, "pp": 4, "train_iters": 6, "log_dir": str(tmp / "log_cross")}},
         {"name": "nan_one_rank", "env": {"MEGALLM_INJECT_NAN": "5:3"},
          "overrides": LAYOUT | {"train_iters": 5, "log_dir": str(tmp / "log_nan")}},
+        {"name": "nan_one_rank_warn", "env": {"MEGALLM_INJECT_NAN": "5:3"},
+         "overrides": LAYOUT | {"train_iters": 4, "spike_action": "warn", "log_dir": str(tmp / "log_nan_warn")}},
         # bf16 + distributed optimizer: the skip leaves bf16 weights, fp32 masters and moments as they were
         {"name": "nan_one_rank_bf16_zero1", "env": {"MEGALLM_INJECT_NAN": "5:3"}, "unchanged_step": 3,
          "overrides": LAYOUT | {"train_iters": 4, "bf16": True, "use_distributed_optimizer": True,
@@ -72,6 +75,16 @@ def test_nan_on_one_rank_skips_on_all_ranks(runs):
     assert [s["iteration"] for s in spikes] == [3] and spikes[0]["samples"] == list(range(32, 48))
 
 
+def test_warn_still_skips_a_nonfinite_gradient(runs):
+    """spike_action=warn lets finite spikes through, but a NaN gradient's update would make every
+    weight NaN: it is skipped, and training goes on with finite losses."""
+    _, r = runs
+    recs = r["nan_one_rank_warn"]["records"]
+    assert [x["skipped"] for x in recs] == [False, False, True, False]
+    assert recs[2]["skip_reason"] == "nonfinite_grad" and math.isfinite(recs[3]["loss"])
+    assert recs[3]["loss"] == r["nan_one_rank"]["records"][3]["loss"]  # as under skip
+
+
 def test_skip_leaves_bf16_weights_masters_and_moments_untouched(runs):
     _, r = runs
     run = r["nan_one_rank_bf16_zero1"]
@@ -96,6 +109,11 @@ def test_persistent_spikes_roll_back_and_move_past_the_bad_data(runs):
     assert its[:15] == list(range(1, 16)) and its[15:] == list(range(11, 21))  # trained on to the end
     after = run["records"][15:]
     assert not any(x["skipped"] for x in after)
+    # the LR schedule is back where it stood at iteration 10: iterations 11 and 12 (skipped before,
+    # so no scheduler step between them) get the learning rates they had the first time
+    first = {x["iteration"]: x["lr"] for x in run["records"][:15]}
+    assert [after[0]["lr"], after[1]["lr"]] == [first[11], first[12]]
+    assert after[2]["lr"] != first[13]
     assert after[0]["consumed_samples"] == 15 * 16 + 32 + 16
     assert run["iteration"] == 20
 

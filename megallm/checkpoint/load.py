@@ -199,6 +199,8 @@ def load(tr, path: str | Path, before_iteration: Optional[int] = None) -> Option
     checkpoint's progress through tr.load_state_dict. Returns the iteration loaded, or None when
     the directory holds no checkpoint (a fresh start)."""
     async_writer.wait()  # a save in flight must not be half-visible (nor pruned under our feet)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0's writer commits the save: every rank lists the checkpoints after it has
     tr.optimizer.finish_param_sync()  # an all-gather still running would overwrite the weights loaded
     candidates = load_candidates(path, before_iteration)
     if not candidates:

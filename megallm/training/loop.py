@@ -127,6 +127,9 @@ class Trainer:
         self.iteration = state.get("iteration", 0)
         self.consumed_samples = state.get("consumed_samples", 0)
         if "scheduler" in state:
+            # megatron's load_state_dict steps the scheduler by the saved count from wherever it
+            # stands: from 0 on a resume, but a rollback finds it mid-run
+            self.scheduler.num_steps = 0
             self.scheduler.load_state_dict(state["scheduler"])
             self.scheduler.step(increment=0)  # re-applies the restored learning rate to the param groups
         if "detector" in state:
@@ -205,7 +208,8 @@ class Trainer:
         grad_norm = float(norm)
         spike_start = time.perf_counter()  # the detector's own cost: its statistics
         decision = self.detector.evaluate(loss, grad_norm, nonfinite_elsewhere=any_nonfinite)
-        skip = decision.spike and cfg.spike.spike_action != "warn"
+        # warn lets finite spikes through; a NaN/Inf gradient would put NaN into every weight
+        skip = decision.spike and (cfg.spike.spike_action != "warn" or decision.reason.startswith("nonfinite"))
         lr = current_lr(self.optimizer)
         spike_ms = (time.perf_counter() - spike_start) * 1000.0
         forensics_start = time.perf_counter()
