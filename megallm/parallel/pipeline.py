@@ -141,7 +141,9 @@ def _stage_class():
         def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False):
             super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
             for p in self.submod.parameters():
-                if p.grad is not None and hasattr(p, "main_grad"):  # main_grad: once the optimizer exists
+                # main_grad: once the optimizer exists. No overlap bookkeeping (the optimizer's hook
+                # counts accumulations): validate() refuses overlap_grad_reduce with zero_bubble.
+                if p.grad is not None and hasattr(p, "main_grad"):
                     p.main_grad.add_(p.grad)
                     p.grad = None
 
