@@ -147,7 +147,8 @@ def worker(out: Path, args) -> None:
         rows[name] = ph.row()
 
     v1_bytes = []
-    phase("v1 save", lambda: v1_bytes.append(v1.save_v1(tr, out / "v1")[1]))
+    if not args.v2_only:
+        phase("v1 save", lambda: v1_bytes.append(v1.save_v1(tr, out / "v1")[1]))
     phase("v2 save (blocking)", lambda: checkpoint.save(tr, async_save=False))
     tr.iteration = 2
     dist.barrier()
@@ -161,13 +162,15 @@ def worker(out: Path, args) -> None:
     rows["v2 save (async): stall"]["written"] += total.written
     rows["v2 save (async): stall"]["cpu_committed"] = stall.cpu + total.cpu
     rows["v2 save (async): stall"]["peak_gib"] = max(stall.peak_kib, total.peak_kib) / 2**20
-    phase("v1 load", lambda: checkpoint.load(tr, out / "v1" / "iter_0000001"))
+    if not args.v2_only:
+        phase("v1 load", lambda: checkpoint.load(tr, out / "v1" / "iter_0000001"))
     phase("v2 load", lambda: checkpoint.load(tr, out / "v2" / "iter_0000001"))
     meta = json.loads((out / "v2" / "iter_0000001" / "meta.json").read_text())
     rows["v2_files"] = len(meta["files"])
-    rows["v1_file_bytes"] = v1_bytes[0]
+    if not args.v2_only:
+        rows["v1_file_bytes"] = v1_bytes[0]
+        rows["v1_files"] = len(json.loads((out / "v1" / "iter_0000001" / "meta.json").read_text())["files"])
     rows["v2_bytes_by_writer"] = sum(r["bytes"] for r in meta["files"].values() if r["writer_rank"] == rank)
-    rows["v1_files"] = len(json.loads((out / "v1" / "iter_0000001" / "meta.json").read_text())["files"])
     (out / f"rank_{rank}.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -187,16 +190,21 @@ def report(out: Path, args, wall: float, load: tuple[float, float]) -> str:
 
     ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(8)]
     params = sum(r["params_local"] for r in ranks) // 2  # dp 2 replicas hold the same parameters
-    phases = ["v1 save", "v2 save (blocking)", "v2 save (async): stall", "v1 load", "v2 load"]
-    files_written = {"v1 save": [r["v1_file_bytes"] for r in ranks],
-                     "v2 save (blocking)": [r["v2_bytes_by_writer"] for r in ranks],
+    v1 = "v1 save" in ranks[0]
+    phases = [ph for ph in ("v1 save", "v2 save (blocking)", "v2 save (async): stall", "v1 load", "v2 load")
+              if ph in ranks[0]]
+    files_written = {"v2 save (blocking)": [r["v2_bytes_by_writer"] for r in ranks],
                      "v2 save (async): stall": [r["v2_bytes_by_writer"] for r in ranks]}
+    if v1:
+        files_written["v1 save"] = [r["v1_file_bytes"] for r in ranks]
     lines = [
-        "# Checkpoint save and load: v1 (gather per stage) against v2 (every rank writes its pieces)",
+        "# Checkpoint save and load: v1 (gather per stage) against v2 (every rank writes its pieces)" if v1 else
+        "# Checkpoint save and load: v2 (every rank writes its pieces), without v1 (--v2-only)",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu_model()} · {os.cpu_count()} cores, "
         f"{ram_gib():.0f} GiB RAM · commit {git_commit()} · `python bench/checkpoint_bench.py "
-        f"--hidden {args.hidden} --layers {args.layers} --ffn {args.ffn} --heads {args.heads}` ({wall:.0f} s; "
+        f"--hidden {args.hidden} --layers {args.layers} --ffn {args.ffn} --heads {args.heads}"
+        f"{' --v2-only' if args.v2_only else ''}` ({wall:.0f} s; "
         f"1-minute load average {load[0]:.0f} before, {load[1]:.0f} after: the machine was shared)",
         "",
         f"Model: {params / 1e9:.2f} B parameters (hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
@@ -224,14 +232,16 @@ def report(out: Path, args, wall: float, load: tuple[float, float]) -> str:
             f"{gib(min(x['read'] for x in rs))} .. {gib(max(x['read'] for x in rs))}",
             f"{max(x['peak_gib'] - x['before_gib'] for x in rs):.2f}", f"{max(x['peak_gib'] for x in rs):.2f}"]) + " |")
     lines += ["", "## Per rank: file GiB written / peak RSS above the phase's start, GiB", ""]
-    per = [[i, f"{gib(r['v1_file_bytes'])} / {r['v1 save']['peak_gib'] - r['v1 save']['before_gib']:.2f}",
+    per = [[i, *([f"{gib(r['v1_file_bytes'])} / {r['v1 save']['peak_gib'] - r['v1 save']['before_gib']:.2f}"]
+                 if v1 else []),
             f"{gib(r['v2_bytes_by_writer'])} / "
             f"{r['v2 save (blocking)']['peak_gib'] - r['v2 save (blocking)']['before_gib']:.2f}",
             f"{gib(r['v2_bytes_by_writer'])} / "
             f"{r['v2 save (async): stall']['peak_gib'] - r['v2 save (async): stall']['before_gib']:.2f}"]
            for i, r in enumerate(ranks)]
-    lines.append(table(["rank", "v1 save", "v2 blocking", "v2 async"], per))
-    lines += ["", f"Files: v1 {ranks[0]['v1_files']}, v2 {ranks[0]['v2_files']} (+ meta.json each). File bytes "
+    lines.append(table(["rank", *(["v1 save"] if v1 else []), "v2 blocking", "v2 async"], per))
+    files = f"v1 {ranks[0]['v1_files']}, v2 {ranks[0]['v2_files']}" if v1 else f"v2 {ranks[0]['v2_files']}"
+    lines += ["", f"Files: {files} (+ meta.json each). File bytes "
               "written: v2 from meta.json's writer_rank, v1 from the files each rank wrote. GiB read(): "
               "/proc/self/io rchar, i.e. the sha256 checks of every file a rank touches (safetensors reads "
               "the slices through mmap, not read()) plus gloo's socket reads. Loads read the checkpoint "
@@ -247,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "checkpoint.md")
+    p.add_argument("--v2-only", action="store_true",
+                   help="leave out the v1 writer (it holds a stage whole: a ~1 B model does not fit 24 GiB with it)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -256,7 +268,7 @@ def main(argv=None) -> int:
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port",
                str(_free_port()), __file__, "--worker", str(scratch), "--hidden", str(args.hidden), "--layers",
-               str(args.layers), "--ffn", str(args.ffn), "--heads", str(args.heads)]
+               str(args.layers), "--ffn", str(args.ffn), "--heads", str(args.heads)] + ["--v2-only"] * args.v2_only
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         start, load_before = time.perf_counter(), os.getloadavg()[0]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
