@@ -158,10 +158,6 @@ def test_evaluation_changes_no_bit(runs):
     tmp, refs, par = runs
     run, plain, ref = par["tp2_pp2_dp2_vpp2_eval"], par["tp2_pp2_dp2_vpp2"], refs["reference_eval"]
     assert "error" not in run, run.get("error")
-
-    def exact(r):
-        return [repr((x["loss"], x["grad_norm"], x["skipped"])) for x in r["records"]]
-
     assert exact(run) == exact(plain)
     a, b = weights(tmp, "tp2_pp2_dp2_vpp2_eval"), weights(tmp, "tp2_pp2_dp2_vpp2")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -172,6 +168,12 @@ def test_evaluation_changes_no_bit(runs):
         assert math.isclose(v, r, rel_tol=1e-5), f"iteration {i}: validation loss {v} vs single-process {r}"
     logs = list((tmp / "tp2_pp2_dp2_vpp2_eval").glob("segment_losses-dp*.jsonl"))
     assert not any("unscored" in f.read_text() for f in logs), [f.read_text() for f in logs]
+
+
+def exact(run) -> list[str]:
+    """Each iteration's loss, grad norm and skip, for bit-for-bit comparisons (repr: the shortest
+    string that round-trips, NaN included, as a skipped iteration's norm is)."""
+    return [repr((r["loss"], r["grad_norm"], r["skipped"])) for r in run["records"]]
 
 
 def weights_at_init(ref_w, key, overrides):
@@ -261,10 +263,6 @@ def test_overlap_changes_no_bit(overlap_runs, name):
     assert all(launched == 0 for launched, _ in plain["buckets"])
     assert all(launched == buckets > 1 for launched, buckets in overlapped["buckets"]), overlapped["buckets"]
     assert [r["skipped"] for r in plain["records"]] == [False, True, False, False, False]
-
-    def exact(run):  # repr: the shortest string that round-trips, NaN included (the skipped norm)
-        return [repr((r["loss"], r["grad_norm"], r["skipped"])) for r in run["records"]]
-
     assert exact(overlapped) == exact(plain)
     for kind in ("model", "optim"):
         a, b = weights(tmp, name, kind), weights(tmp, name + "_overlap", kind)
@@ -290,5 +288,4 @@ def test_zero_bubble_sums_bf16_weight_gradients_in_fp32(overlap_runs):
     a, b = (runs[f"pp2_vpp2_dp2_bf16_{s}"] for s in ("interleaved_1f1b", "zero_bubble"))
     assert "error" not in a and "error" not in b, (a.get("error"), b.get("error"))
     assert len(a["records"]) == 3
-    assert [repr((r["loss"], r["grad_norm"])) for r in b["records"]] == [
-        repr((r["loss"], r["grad_norm"])) for r in a["records"]]
+    assert exact(b) == exact(a)
