@@ -52,6 +52,13 @@ def _ps():
     return parallel_state
 
 
+def fold_into_main_grad(p: nn.Parameter) -> None:
+    """Add p.grad (one micro-batch's, in the parameter's dtype) to the fp32 main grad and drop it,
+    so micro-batches are summed in fp32 whatever the parameters' precision."""
+    p.main_grad.add_(p.grad)
+    p.grad = None
+
+
 def default_bucket_size(dp_size: int) -> int:
     """Megatron's bucket size when overlapping and --ddp-bucket-size is unset (elements)."""
     return max(40_000_000, 1_000_000 * dp_size)
@@ -218,8 +225,7 @@ class DistributedOptimizer:
 
     def _accumulate_main_grad(self, p: nn.Parameter) -> None:
         """Post-accumulate-grad hook: sum each micro-batch's gradient into the fp32 main grad."""
-        p.main_grad.add_(p.grad)
-        p.grad = None
+        fold_into_main_grad(p)
         if self.overlap_grad_reduce:
             self._count_accumulation(p)
 
@@ -255,8 +261,9 @@ class DistributedOptimizer:
             bucket.work = dist.all_reduce(bucket.grads, group=self.group, async_op=async_op)
 
     def reduce_gradients(self, microbatch_divisor: int = 1) -> None:
-        """Finish the fp32 main grads: fold in gradients that bypassed the hook (the zero-bubble
-        schedules write weight gradients to p.grad directly), divide by the micro-batches the
+        """Finish the fp32 main grads: fold in any gradient left in p.grad outside the hook (the
+        pipeline stages fold the zero-bubble weight pass's themselves, micro-batch by micro-batch,
+        so the schedules leave none), divide by the micro-batches the
         loss was not divided by, and average over data parallel. Buckets the backward hook already
         launched (--overlap-grad-reduce) are only waited for."""
         if self.overlap_grad_reduce and microbatch_divisor != self.microbatch_divisor:
@@ -270,8 +277,7 @@ class DistributedOptimizer:
             if bucket.launched:
                 continue
             for p in strays:
-                p.main_grad.add_(p.grad)
-                p.grad = None
+                fold_into_main_grad(p)
             self._launch(bucket, microbatch_divisor, async_op=False)
         for bucket in self.launch_order:
             if bucket.work is not None:

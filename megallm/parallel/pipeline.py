@@ -94,6 +94,8 @@ def _stage_class():
     from torch.distributed.pipelining._utils import _make_tensor_from_meta
     from torch.distributed.pipelining.stage import _RecvInfo
 
+    from megallm.parallel.distributed_optimizer import fold_into_main_grad
+
     def unallocated(info: _RecvInfo) -> _RecvInfo:
         if info.is_root_arg or info.buffer is None:
             return info
@@ -144,8 +146,7 @@ def _stage_class():
                 # main_grad: once the optimizer exists. No overlap bookkeeping (the optimizer's hook
                 # counts accumulations): validate() refuses overlap_grad_reduce with zero_bubble.
                 if p.grad is not None and hasattr(p, "main_grad"):
-                    p.main_grad.add_(p.grad)
-                    p.grad = None
+                    fold_into_main_grad(p)
 
     return Stage
 
