@@ -94,7 +94,7 @@ def test_activation_peak_within_half_a_percent(runs, layout):
 @pytest.mark.parametrize("layout", LAYOUTS | BF16_LAYOUTS)
 def test_no_receive_buffer_outlives_its_use(runs, layout):
     """After a step the pipeline stages hold no receive buffer. torch.distributed.pipelining alone
-    keeps one per micro-batch for each stage's input and output gradient (8 micro-batches here):
+    keeps one per micro-batch for each stage's input and output gradient (8 or 16 micro-batches here):
     for the 70B recipe, 512 of 16 MiB each, 16 GiB on every middle pipeline rank."""
     for r in runs[layout]["ranks"]:
         m = r["measured"]
